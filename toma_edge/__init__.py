@@ -1,0 +1,48 @@
+"""toma-edge: put a PyTorch model on small Linux devices within their memory budget.
+
+    import toma_edge
+    profile = toma_edge.load_profile("rpi")          # the Raspberry Pi 4 profile
+    toma_edge.parse_size("1.5GiB")                   # 1610612736
+    toma_edge.MemoryBudget.parse("256MiB")
+
+The host SDK lives in ``toma_edge.host`` (training, compression, export, fleet
+collector), the device runtime in ``toma_edge.device``. This core imports neither, and
+no torch at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .budget import MemoryBudget, format_size, parse_size
+from .errors import (
+    BudgetError,
+    BundleError,
+    ConfigError,
+    InputError,
+    TelemetryError,
+    TomaEdgeError,
+)
+from .profiles import TargetProfile, list_profiles, load_profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "TomaEdgeError",
+    "ConfigError",
+    "BundleError",
+    "BudgetError",
+    "InputError",
+    "TelemetryError",
+    "MemoryBudget",
+    "parse_size",
+    "format_size",
+    "TargetProfile",
+    "load_profile",
+    "list_profiles",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: keep `import toma_edge` free of torch
+    raise AttributeError(f"module 'toma_edge' has no attribute {name!r}")
