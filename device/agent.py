@@ -1,0 +1,504 @@
+"""The device's telemetry agent: status, telemetry windows and events over MQTT, losing nothing.
+
+    from toma_edge.telemetry import mqtt_settings
+    from toma_edge.device.agent import TelemetryAgent
+    agent = TelemetryAgent(mqtt_settings("mqtt://pi-0042@broker.lan"), fleet="plant-7",
+                           device_id="pi-0042", spool="/var/lib/toma-edge/spool.db")
+    agent.record_request(0.012, rows=8); agent.close()
+
+Every telemetry window and event goes first into the on-disk :class:`~.spool.Spool`, and
+leaves it only once the broker acknowledged it (QoS 1 PUBACK), so broker outages and
+device restarts (SIGKILL included) lose nothing; ``seq`` continues across restarts.
+On connect the agent publishes a retained birth on ``status``; its Last Will (and
+:meth:`TelemetryAgent.close`) set it offline. The inference service calls
+:meth:`~TelemetryAgent.record_request` per request and :meth:`~TelemetryAgent.event`,
+:meth:`~TelemetryAgent.set_model`, :meth:`~TelemetryAgent.set_batch_size` as things change.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import resource
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import TelemetryError
+from ..telemetry import (
+    EventMessage,
+    MqttSettings,
+    StatusMessage,
+    TelemetryMessage,
+    connect_properties,
+    make_client,
+    topic,
+    validate_id,
+)
+from .spool import Spool
+
+__all__ = [
+    "TelemetryAgent",
+    "RequestWindow",
+    "StatsSource",
+    "MemorySource",
+    "ConnectionHook",
+    "read_cpu_temp_c",
+]
+
+log = logging.getLogger("toma_edge.telemetry")
+
+StatsSource = Callable[[], Mapping[str, Any]]
+"""Returns extra :class:`TelemetryMessage` fields for the window being closed (e.g.
+``{"batch_size": 32}``); it overrides what the agent measured itself."""
+MemorySource = Callable[[], tuple[int, int]]
+"""Returns ``(rss_bytes, peak_rss_bytes)``: RSS now and the peak since the last call."""
+ConnectionHook = Callable[[bool], None]
+"""Called with True when the agent (re)connects to the broker, False when it loses it."""
+
+_AGENT = "toma-edge-agent/1"
+
+
+class RequestWindow:
+    """Thread-safe statistics of the requests of one telemetry window.
+
+    Keeps at most ``max_samples`` latencies per window (a uniform reservoir sample beyond
+    that), so a busy window costs bounded memory.
+    """
+
+    def __init__(self, *, max_samples: int = 50_000) -> None:
+        self._lock = threading.Lock()
+        self._max = max_samples
+        self._reset(time.time())
+
+    def _reset(self, now: float) -> None:
+        self._start = now
+        self._lat: list[float] = []
+        self._seen = 0
+        self._requests = 0
+        self._errors = 0
+        self._rows = 0
+        self._max_lat = 0.0
+
+    def record(self, latency_s: float, rows: int, *, error: bool = False) -> None:
+        """Count one request of ``rows`` rows that took ``latency_s`` seconds."""
+        with self._lock:
+            self._requests += 1
+            self._rows += max(0, int(rows))
+            if error:
+                self._errors += 1
+            lat = float(latency_s)
+            if not lat >= 0.0:  # negative or NaN: count the request, not its latency
+                return
+            self._max_lat = max(self._max_lat, lat)
+            self._seen += 1
+            if len(self._lat) < self._max:
+                self._lat.append(lat)
+            else:
+                j = random.randrange(self._seen)
+                if j < self._max:
+                    self._lat[j] = lat
+
+    def snapshot(self) -> dict[str, Any]:
+        """Close the window: its :class:`TelemetryMessage` fields, then start a new one."""
+        now = time.time()
+        with self._lock:
+            lat = sorted(self._lat)
+            window_s = max(0.0, now - self._start)
+            out: dict[str, Any] = {
+                "window_s": window_s,
+                "requests": self._requests,
+                "errors": self._errors,
+                "rows": self._rows,
+                "throughput_rps": self._requests / window_s if window_s > 0 else 0.0,
+                "rows_per_s": self._rows / window_s if window_s > 0 else 0.0,
+            }
+            if lat:
+                out.update(
+                    latency_p50_s=_quantile(lat, 0.50),
+                    latency_p95_s=_quantile(lat, 0.95),
+                    latency_p99_s=_quantile(lat, 0.99),
+                    latency_max_s=self._max_lat,
+                )
+            self._reset(now)
+        return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    # nearest-rank: a latency that some request really had
+    k = min(len(sorted_values) - 1, max(0, int(round(q * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def _default_memory() -> tuple[int, int]:
+    import psutil
+
+    rss = int(psutil.Process().memory_info().rss)
+    # ru_maxrss is the kernel's running maximum for this process (KiB on Linux, bytes on
+    # macOS): never reset by anyone, so no reader hides a peak from another
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    return rss, max(rss, peak)
+
+
+def _probe_memory_source() -> tuple[MemorySource, Callable[[], None]]:
+    """RSS now and the peak RSS since the previous reading (the telemetry window), from
+    the process-wide probe of toma_edge.probes (which folds other readers' resets in);
+    the kernel's ru_maxrss where that module is missing. Returns (source, close)."""
+    try:
+        from .. import probes
+    except ImportError:
+        return _default_memory, lambda: None
+    reader = probes.peak_probe().reader()
+
+    def read() -> tuple[int, int]:
+        rss = probes.rss_bytes()
+        return rss, max(rss, reader.take()[0])
+
+    return read, reader.close
+
+
+_CPU_ZONES = ("cpu-thermal", "cpu_thermal", "x86_pkg_temp", "soc_thermal", "cpu")
+
+
+def read_cpu_temp_c(root: str = "/sys/class/thermal") -> float | None:
+    """The CPU temperature in degrees Celsius from Linux thermal zones, None where absent."""
+    zones = sorted(glob.glob(os.path.join(root, "thermal_zone*")))
+    best: str | None = None
+    for z in zones:
+        try:
+            kind = Path(z, "type").read_text().strip().lower()
+        except OSError:
+            continue
+        if any(k in kind for k in _CPU_ZONES):
+            best = z
+            break
+        best = best or z
+    if best is None:
+        return None
+    try:
+        return int(Path(best, "temp").read_text().strip()) / 1000.0
+    except (OSError, ValueError):
+        return None
+
+
+class TelemetryAgent:
+    """Publishes a device's status, telemetry and events; see the module docstring.
+
+    ``settings`` None keeps everything in the spool (nothing is sent). ``interval_s`` is
+    the telemetry window in seconds (None: no timer, call :meth:`emit_telemetry`).
+    ``budget_bytes`` is the process's memory budget reported next to RSS.
+    ``max_spool_messages`` bounds the spool (oldest telemetry dropped first, counted).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings | None,
+        *,
+        fleet: str,
+        device_id: str,
+        spool: str | Path,
+        interval_s: float | None = 10.0,
+        budget_bytes: int | None = None,
+        target: str | None = None,
+        stats_source: StatsSource | None = None,
+        memory_source: MemorySource | None = None,
+        on_connection_change: ConnectionHook | None = None,
+        client_id: str | None = None,
+        max_spool_messages: int = 100_000,
+        max_inflight: int = 100,
+        start: bool = True,
+    ) -> None:
+        self.fleet = validate_id(fleet, what="fleet")
+        self.device_id = validate_id(device_id)
+        if interval_s is not None and not interval_s > 0:
+            raise TelemetryError(f"telemetry interval must be > 0 seconds, got {interval_s}")
+        self.interval_s = interval_s
+        self.budget_bytes = budget_bytes
+        self.target = target
+        self._settings = settings
+        self._stats_source = stats_source
+        self._close_memory: Callable[[], None] = lambda: None
+        if memory_source is None:
+            memory_source, self._close_memory = _probe_memory_source()
+        self._memory = memory_source
+        self._on_conn = on_connection_change
+        self._spool = Spool(spool, max_messages=max_spool_messages)
+        self._window = RequestWindow()
+        self._topics = {k: topic(self.fleet, self.device_id, k) for k in
+                        ("status", "telemetry", "events")}  # type: ignore[arg-type]
+        self._model: tuple[str | None, str | None, str | None] = (None, None, None)
+        self._batch_size: int | None = None
+        self._max_inflight = max_inflight
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._connected = threading.Event()
+        self._rejected = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._client: Any = None
+        if settings is not None:
+            cid = client_id or f"toma-edge-{self.fleet}-{self.device_id}"
+            self._client = make_client(settings, client_id=cid, max_inflight=max_inflight)
+            self._client.will_set(
+                self._topics["status"], self._status(online=False).encode(), qos=1, retain=True
+            )
+            self._client.on_connect = self._on_connect
+            self._client.on_disconnect = self._on_disconnect
+            self._client.on_publish = self._on_publish
+        if start:
+            self.start()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (in the background, retrying) and start the sender and timer threads."""
+        if self._threads:
+            return
+        if self._client is not None:
+            s = self._settings
+            assert s is not None
+            try:
+                self._client.connect_async(
+                    s.url.host, s.url.port, keepalive=s.keepalive_s, clean_start=True,
+                    properties=connect_properties(),
+                )
+            except (OSError, ValueError) as e:
+                raise TelemetryError(f"cannot reach MQTT broker {s.url}: {e}") from e
+            self._client.loop_start()
+            self._threads.append(threading.Thread(
+                target=self._sender, name="toma-edge-telemetry-sender", daemon=True))
+        if self.interval_s is not None:
+            self._threads.append(threading.Thread(
+                target=self._timer, name="toma-edge-telemetry-timer", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted our connection and it is up now."""
+        return self._connected.is_set()
+
+    @property
+    def spool(self) -> Spool:
+        """The on-disk outbox (pending count, seq counters, drops)."""
+        return self._spool
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` seconds until the broker acknowledged everything spooled;
+        True if the spool is empty."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._spool.pending() == 0:
+                return True
+            if time.monotonic() >= deadline or self._client is None:
+                return False
+            self._wake.set()
+            time.sleep(0.02)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop gracefully: deliver what is spooled (up to ``timeout_s`` seconds), publish
+        the offline status, disconnect. What could not be delivered stays in the spool."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._client is not None and self._connected.is_set():
+            self.flush(timeout_s)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        if self._client is not None:
+            if self._connected.is_set():
+                info = self._client.publish(
+                    self._topics["status"], self._status(online=False).encode(),
+                    qos=1, retain=True)
+                try:
+                    info.wait_for_publish(timeout=min(2.0, timeout_s))
+                except (RuntimeError, ValueError):
+                    pass
+            self._client.disconnect()
+            self._client.loop_stop()
+        self._close_memory()
+        self._spool.close()
+
+    def __enter__(self) -> TelemetryAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the service's API --------------------------------------------------------------
+    def record_request(self, latency_s: float, rows: int, error: bool = False) -> None:
+        """Count one inference request (``latency_s`` seconds, ``rows`` rows) in this window."""
+        self._window.record(latency_s, rows, error=error)
+
+    def event(self, kind: str, **fields: str | int | float | bool | None) -> int:
+        """Spool one event (``model_loaded``, ``budget_adapted``, ``error``...) with scalar
+        fields; returns its events ``seq``. TelemetryError if kind or fields are invalid."""
+        try:  # validate before taking a seq
+            EventMessage(seq=1, ts=time.time(), kind=kind, fields=fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise TelemetryError(
+                f"event {kind!r} is invalid: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+            ) from e
+        seq = self._spool.put(
+            "events", self._topics["events"],
+            lambda s: EventMessage(seq=s, ts=time.time(), kind=kind, fields=fields).encode(),
+        )
+        self._wake.set()
+        return seq
+
+    def set_model(self, name: str, version: str, sha256: str | None = None) -> None:
+        """Say which model is loaded: an event (``model_loaded`` or ``model_swapped``) and a
+        new retained status."""
+        old = self._model
+        self._model = (name, version, sha256)
+        if old[0] is None:
+            self.event("model_loaded", model=name, version=version, sha256=sha256)
+        else:
+            self.event("model_swapped", model=name, version=version, sha256=sha256,
+                       previous_model=old[0], previous_version=old[1])
+        self._publish_status()
+
+    def set_batch_size(self, n: int) -> None:
+        """Report the batch size the service now uses; a change is a ``budget_adapted`` event."""
+        if n < 1:
+            raise TelemetryError(f"batch size must be >= 1, got {n}")
+        old, self._batch_size = self._batch_size, int(n)
+        if old is not None and old != n:
+            self.event("budget_adapted", batch_size=int(n), previous_batch_size=old)
+
+    def emit_telemetry(self) -> int:
+        """Close the current window now and spool its telemetry; returns its ``seq``."""
+        fields = self._window.snapshot()
+        try:
+            rss, peak = self._memory()
+            fields.update(rss_bytes=rss, peak_rss_bytes=peak)
+        except Exception as e:  # a failing probe must not stop telemetry
+            log.warning("memory probe failed: %s", e)
+        fields.update(
+            batch_size=self._batch_size, budget_bytes=self.budget_bytes,
+            cpu_temp_c=read_cpu_temp_c(),
+            model=self._model[0], model_version=self._model[1], model_sha256=self._model[2],
+            spool_dropped=self._spool.dropped("telemetry"),
+        )
+        if self._stats_source is not None:
+            fields.update(self._stats_source())
+        now = time.time()
+        try:
+            TelemetryMessage(seq=1, ts=now, **fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise TelemetryError(
+                f"telemetry field {'.'.join(map(str, err['loc']))} is invalid: {err['msg']}"
+            ) from e
+        seq = self._spool.put(
+            "telemetry", self._topics["telemetry"],
+            lambda s: TelemetryMessage(seq=s, ts=now, **fields).encode(),
+        )
+        self._wake.set()
+        return seq
+
+    @property
+    def rejected(self) -> int:
+        """Messages the broker refused (e.g. not authorized by its ACL); dropped, logged."""
+        return self._rejected
+
+    # -- internals ----------------------------------------------------------------------
+    def _status(self, *, online: bool) -> StatusMessage:
+        return StatusMessage(
+            online=online, ts=time.time(), model=self._model[0],
+            model_version=self._model[1], model_sha256=self._model[2], target=self.target,
+            budget_bytes=self.budget_bytes, interval_s=self.interval_s, agent=_AGENT,
+        )
+
+    def _publish_status(self) -> None:
+        if self._client is not None and self._connected.is_set():
+            self._client.publish(
+                self._topics["status"], self._status(online=True).encode(), qos=1, retain=True)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT broker %s refused device %s: %s",
+                        self._settings.url if self._settings else "?", self.device_id, reason)
+            return
+        log.info("connected to MQTT broker %s", self._settings.url if self._settings else "?")
+        self._connected.set()
+        client.publish(self._topics["status"], self._status(online=True).encode(), qos=1,
+                       retain=True)
+        self._wake.set()
+        if self._on_conn:
+            self._on_conn(True)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("lost MQTT broker (%s); spooling until it is back", reason)
+            if self._on_conn:
+                self._on_conn(False)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        # runs in paho's thread under its message lock: touch nothing of ours but counters
+        if getattr(reason, "is_failure", False):
+            self._rejected += 1
+            log.error("broker refused message %d: %s", mid, reason)
+        self._wake.set()
+
+    def _sender(self) -> None:
+        """Hand spooled messages to paho (a window of ``max_inflight``), delete on PUBACK.
+
+        paho keeps unacknowledged QoS 1 messages and resends them itself after a
+        reconnect, so a message is handed over once per process; after a restart the
+        spool (where it still is) hands it again, and the collector drops the duplicate.
+        """
+        inflight: deque[tuple[int, Any]] = deque()
+        cursor = 0
+        while True:
+            self._wake.wait(timeout=0.2)
+            self._wake.clear()
+            try:
+                done: list[int] = []
+                waiting: deque[tuple[int, Any]] = deque()
+                for rid, info in inflight:
+                    if info.is_published():  # PUBACK came (evaluated once per message)
+                        done.append(rid)
+                    else:
+                        waiting.append((rid, info))
+                inflight = waiting
+                if done:
+                    self._spool.delete(done)
+
+                if self._stop.is_set():
+                    return
+                room = self._max_inflight - len(inflight)
+                if self._connected.is_set() and room > 0:
+                    for row in self._spool.peek(after_id=cursor, limit=room):
+                        info = self._client.publish(row.topic, row.payload, qos=row.qos,
+                                                    retain=row.retain)
+                        inflight.append((row.id, info))
+                        cursor = row.id
+            except TelemetryError as e:  # disk full, spool gone: say so, keep trying
+                log.error("%s", e)
+                time.sleep(1.0)
+
+    def _timer(self) -> None:
+        assert self.interval_s is not None
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.emit_telemetry()
+            except TelemetryError as e:
+                log.error("%s", e)
+

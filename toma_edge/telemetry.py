@@ -1,0 +1,426 @@
+"""Telemetry schema shared by the device agent and the fleet collector, and MQTT settings.
+
+    from toma_edge.telemetry import TelemetryMessage, decode, topic, mqtt_settings, make_client
+    t = topic("plant-7", "pi-0042", "telemetry")   # 'toma-edge/v1/plant-7/pi-0042/telemetry'
+    msg = decode("telemetry", TelemetryMessage(seq=1, ts=1.7e9, window_s=10.0).encode())
+    settings = mqtt_settings("mqtts://pi-0042@broker.lan", ca_file="ca.pem")  # password: env/file
+    client = make_client(settings, client_id="pi-0042")
+
+Topics are ``toma-edge/v1/<fleet>/<device_id>/{status,telemetry,events}`` (DESIGN.md,
+"Telemetry (MQTT)"). Messages are frozen pydantic models: unknown keys, unknown schema
+versions, wrong types and oversized payloads are refused with one line naming the problem.
+The fleet and the device id travel in the topic only (the broker's ACL vouches for them),
+never in the payload. Passwords come from ``TOMA_EDGE_MQTT_PASSWORD`` or a file, never
+from a URL or the command line. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, TelemetryError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TOPIC_ROOT",
+    "KINDS",
+    "MAX_PAYLOAD_BYTES",
+    "PASSWORD_ENV",
+    "Kind",
+    "StatusMessage",
+    "TelemetryMessage",
+    "EventMessage",
+    "Message",
+    "validate_id",
+    "topic",
+    "parse_topic",
+    "subscription",
+    "decode",
+    "MqttUrl",
+    "MqttSettings",
+    "parse_mqtt_url",
+    "mqtt_settings",
+    "make_client",
+    "connect_properties",
+]
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "toma-edge/v1"
+Kind = Literal["status", "telemetry", "events"]
+KINDS: tuple[Kind, ...] = ("status", "telemetry", "events")
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Largest telemetry payload a collector accepts, in bytes; larger ones are dropped."""
+PASSWORD_ENV = "TOMA_EDGE_MQTT_PASSWORD"
+
+# letters, digits, '-', '_', '.'; no MQTT wildcards (+ #), no '/', no '$' prefix, no spaces
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_EVENT_KIND_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+
+def validate_id(value: str, *, what: str = "device id") -> str:
+    """Return ``value`` if it can be one topic level (fleet or device id), else ConfigError.
+
+    Allowed: 1-64 characters of letters, digits, ``-``, ``_``, ``.``, starting with a
+    letter or digit; no ``/``, ``+``, ``#``, ``$`` or spaces (they would change the topic).
+    """
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ConfigError(
+            f"{what} {value!r} is not valid; use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (no '/', '+', '#', '$' or spaces)"
+        )
+    return value
+
+
+def topic(fleet: str, device_id: str, kind: Kind) -> str:
+    """The topic of one device's ``status``, ``telemetry`` or ``events`` messages."""
+    if kind not in KINDS:
+        raise ConfigError(f"telemetry kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+    return (
+        f"{TOPIC_ROOT}/{validate_id(fleet, what='fleet')}/{validate_id(device_id)}/{kind}"
+    )
+
+
+def parse_topic(name: str) -> tuple[str, str, Kind]:
+    """Split ``toma-edge/v1/<fleet>/<device_id>/<kind>`` into its parts; TelemetryError if not."""
+    parts = name.split("/")
+    if (
+        len(parts) != 5
+        or "/".join(parts[:2]) != TOPIC_ROOT
+        or parts[4] not in KINDS
+        or not _ID_RE.match(parts[2])
+        or not _ID_RE.match(parts[3])
+    ):
+        raise TelemetryError(
+            f"topic {name!r} is not toma-edge/v1/<fleet>/<device_id>/(status|telemetry|events)"
+        )
+    return parts[2], parts[3], parts[4]  # type: ignore[return-value]
+
+
+def subscription(kind: Kind, *, fleet: str = "+", share_group: str | None = None) -> str:
+    """The topic filter for ``kind`` of every device of ``fleet`` (``+``: every fleet).
+
+    With ``share_group``, an MQTT v5 shared subscription (``$share/<group>/...``) so several
+    collectors split the messages.
+    """
+    if fleet != "+":
+        validate_id(fleet, what="fleet")
+    base = f"{TOPIC_ROOT}/{fleet}/+/{kind}"
+    if share_group is None:
+        return base
+    return f"$share/{validate_id(share_group, what='share group')}/{base}"
+
+
+# --------------------------------------------------------------------------- messages
+
+_Frozen = ConfigDict(frozen=True, extra="forbid", strict=True)
+_NonNeg = Field(default=0, ge=0)
+
+
+def _finite(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+class _Base(BaseModel):
+    model_config = _Frozen
+    v: Literal[1] = 1
+
+    def encode(self) -> bytes:
+        """UTF-8 JSON bytes of this message (compact; the schema version as ``v``)."""
+        return self.model_dump_json().encode()
+
+
+class StatusMessage(_Base):
+    """Retained birth (``online=True``) or Last Will / goodbye (``online=False``) of a device."""
+
+    online: bool
+    ts: float = Field(ge=0, description="unix time, seconds")
+    model: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    target: str | None = None
+    budget_bytes: int | None = Field(default=None, ge=0)
+    interval_s: float | None = Field(default=None, gt=0)
+    agent: str | None = None
+
+    _chk = field_validator("ts", "interval_s")(_finite)
+
+
+class TelemetryMessage(_Base):
+    """One telemetry window of a device; ``seq`` runs 1, 2, 3... per device, across restarts.
+
+    Latencies in seconds (None when the window had no request), memory in bytes, the
+    window length ``window_s`` in seconds ending at ``ts`` (unix time, seconds).
+    """
+
+    seq: int = Field(ge=1)
+    ts: float = Field(ge=0)
+    window_s: float = Field(ge=0)
+    requests: int = _NonNeg
+    errors: int = _NonNeg
+    rows: int = _NonNeg
+    latency_p50_s: float | None = Field(default=None, ge=0)
+    latency_p95_s: float | None = Field(default=None, ge=0)
+    latency_p99_s: float | None = Field(default=None, ge=0)
+    latency_max_s: float | None = Field(default=None, ge=0)
+    throughput_rps: float = Field(default=0.0, ge=0, description="requests per second")
+    rows_per_s: float = Field(default=0.0, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    rss_bytes: int | None = Field(default=None, ge=0)
+    peak_rss_bytes: int | None = Field(default=None, ge=0)
+    budget_bytes: int | None = Field(default=None, ge=0)
+    cpu_temp_c: float | None = None
+    model: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    spool_dropped: int = Field(default=0, ge=0, description="telemetry dropped by a full spool")
+
+    _chk = field_validator(
+        "ts", "window_s", "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_max_s",
+        "throughput_rps", "rows_per_s", "cpu_temp_c",
+    )(_finite)
+
+
+_Scalar = str | int | float | bool | None
+
+
+class EventMessage(_Base):
+    """Something that happened once: ``model_loaded``, ``model_swapped``, ``budget_adapted``,
+    ``error``...; ``seq`` is the device's own events counter (apart from telemetry's)."""
+
+    seq: int = Field(ge=1)
+    ts: float = Field(ge=0)
+    kind: str
+    fields: dict[str, _Scalar] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if not _EVENT_KIND_RE.match(v):
+            raise ValueError("event kind must be lowercase letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, v: dict[str, _Scalar]) -> dict[str, _Scalar]:
+        for val in v.values():
+            if isinstance(val, float) and not math.isfinite(val):
+                raise ValueError("event fields must be finite numbers")
+        return v
+
+
+Message = StatusMessage | TelemetryMessage | EventMessage
+_TYPES: dict[str, type[_Base]] = {
+    "status": StatusMessage,
+    "telemetry": TelemetryMessage,
+    "events": EventMessage,
+}
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "message"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{loc}: {err['msg']}{more}"
+
+
+def decode(kind: str, payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Message:
+    """Parse and validate one payload of ``kind``; TelemetryError (one line) when it is not one.
+
+    Refuses payloads over ``max_bytes``, non-JSON, unknown schema versions and unknown keys.
+    """
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise TelemetryError(f"telemetry kind {kind!r} is unknown; expected {', '.join(KINDS)}")
+    if len(payload) > max_bytes:
+        raise TelemetryError(f"{kind} payload of {len(payload)} bytes is over {max_bytes} bytes")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TelemetryError(f"{kind} payload is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise TelemetryError(f"{kind} payload must be a JSON object, got {type(data).__name__}")
+    if data.get("v") != SCHEMA_VERSION:
+        raise TelemetryError(
+            f"{kind} payload has schema version {data.get('v')!r}; this collector reads "
+            f"v={SCHEMA_VERSION} (upgrade toma-edge on the collector)"
+        )
+    try:
+        # JSON has no int/float distinction for whole floats: let ints stand for floats
+        return cls.model_validate(data, strict=False)  # type: ignore[return-value]
+    except ValidationError as e:
+        raise TelemetryError(f"{kind} payload is invalid: {_one_line(e)}") from e
+
+
+# --------------------------------------------------------------------------- MQTT settings
+
+
+class MqttUrl(BaseModel):
+    """``mqtt://[user@]host[:port]`` (plain, port 1883) or ``mqtts://...`` (TLS, port 8883)."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttUrl:
+    """Parse an MQTT URL; ConfigError naming the problem (a password in it is refused)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"MQTT URL {url!r} is malformed: {e}") from e
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            f"MQTT URL {url!r} must start with mqtt:// or mqtts:// (TLS), like mqtt://host:1883"
+        )
+    if parts.password is not None:
+        raise ConfigError(
+            f"MQTT URL for host {parts.hostname!r} contains a password; remove it and set "
+            f"{PASSWORD_ENV} or use a password file"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"MQTT URL {url!r} has no host; write it like mqtt://broker.lan:1883")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"MQTT URL {url!r} must not have a path or query")
+    tls = parts.scheme == "mqtts"
+    return MqttUrl(
+        host=parts.hostname,
+        port=port if port is not None else (8883 if tls else 1883),
+        tls=tls,
+        username=parts.username or None,
+    )
+
+
+class MqttSettings(BaseModel):
+    """Everything needed to reach the broker; the password never shows in repr or logs."""
+
+    model_config = ConfigDict(frozen=True)
+    url: MqttUrl
+    password: str | None = Field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = 30
+
+
+def _check_file(path: str | Path | None, what: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist or is not a file")
+    return p
+
+
+def mqtt_settings(
+    url: str,
+    *,
+    password_file: str | Path | None = None,
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+    keepalive_s: int = 30,
+) -> MqttSettings:
+    """Resolve a URL and options into :class:`MqttSettings`.
+
+    The password is read from ``password_file`` (first line) if given, else from the
+    environment variable ``TOMA_EDGE_MQTT_PASSWORD``; a password without a user in the
+    URL is a ConfigError, as are TLS files on a plain ``mqtt://`` URL.
+    """
+    u = parse_mqtt_url(url)
+    password: str | None = None
+    pf = _check_file(password_file, "password file")
+    if pf is not None:
+        lines = pf.read_text().splitlines()
+        password = lines[0] if lines else ""
+        if not password:
+            raise ConfigError(f"password file {str(pf)!r} is empty")
+    elif os.environ.get(PASSWORD_ENV):
+        password = os.environ[PASSWORD_ENV]
+    if password is not None and not u.username:
+        raise ConfigError(
+            f"a password is set but the MQTT URL has no user; write mqtt://USER@{u.host}"
+        )
+    ca, cert, key = (
+        _check_file(ca_file, "CA file"),
+        _check_file(cert_file, "client certificate file"),
+        _check_file(key_file, "client key file"),
+    )
+    if not u.tls and (ca or cert or key):
+        raise ConfigError("CA and client certificate files need an mqtts:// URL (TLS)")
+    if (cert is None) != (key is None):
+        raise ConfigError("a client certificate needs both --cert-file and --key-file")
+    return MqttSettings(
+        url=u, password=password, ca_file=ca, cert_file=cert, key_file=key,
+        keepalive_s=keepalive_s,
+    )
+
+
+def make_client(
+    settings: MqttSettings,
+    *,
+    client_id: str,
+    manual_ack: bool = False,
+    max_inflight: int = 100,
+) -> Any:
+    """A configured paho-mqtt 2.x client (callback API v2, MQTT v5): credentials, TLS,
+    reconnect back-off (1-10 s). Not connected yet: call ``client.connect(...)`` with
+    :func:`connect_properties`. Returns ``paho.mqtt.client.Client``.
+    """
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if settings.url.username:
+        client.username_pw_set(settings.url.username, settings.password)
+    if settings.url.tls:
+        try:
+            client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"TLS files cannot be loaded: {e}") from e
+    client.max_inflight_messages_set(max_inflight)
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    return client
+
+
+def connect_properties(
+    *, session_expiry_s: int | None = None, receive_maximum: int | None = None
+) -> Any:
+    """MQTT v5 CONNECT properties: a session expiry (seconds, for a persistent session)
+    and the most unacknowledged QoS 1 messages the broker may send us at once."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    if session_expiry_s is not None:
+        props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
+    return props
