@@ -85,5 +85,93 @@ from .cli_fleet import fleet  # noqa: E402  (after main and handle_errors, which
 main.add_command(fleet)
 
 
+class _RichReporter:
+    """Progress on a terminal (rich); plain phase lines otherwise."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._progress: Any = None
+        self._task: Any = None
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.done()
+        if not self.console.is_terminal:
+            self.console.print(f"{name}...")
+            return
+        cols: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total:
+            cols += [BarColumn(), MofNCompleteColumn()]
+        cols.append(TimeElapsedColumn())
+        self._progress = Progress(*cols, console=self.console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(name, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def done(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def info(self, msg: str) -> None:
+        self.console.print(msg)
+
+
+@main.command()
+@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias (see `toma-edge targets`).")
+@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None, help="Project file (toma-edge.yaml) of your own model; default: the built-in example.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Bundle folder [default: dist/<canonical target>/].")
+@click.option("--storage-budget", default=None, help="Model storage budget, e.g. 8MiB [default: the target's].")
+@click.option("--latency-budget", type=float, default=None, help="Batch-1 latency budget in milliseconds, measured on this host.")
+@click.option("--train-budget", default=None, help="Training memory budget, e.g. 1GiB [default: the target's].")
+@click.option("--memory-log", type=click.Path(dir_okay=False), default=None, help="Write RSS over time as JSONL here (and a PNG beside it).")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 private key (PEM, PKCS#8): also write manifest.sig.")
+@click.option("--archive", is_flag=True, help="Also write <out>.tar.gz of the bundle.")
+@handle_errors
+def build(target: str, project: str | None, out: str | None, storage_budget: str | None,
+          latency_budget: float | None, train_budget: str | None, memory_log: str | None,
+          sign_key: str | None, archive: bool) -> None:
+    """Train, compress, export and verify a model; write its bundle."""
+    from .host.build import build as run_build
+
+    rep = _RichReporter()
+    try:
+        res = run_build(target=target, project=project, out=out, storage_budget=storage_budget,
+                        latency_budget_ms=latency_budget, train_budget=train_budget,
+                        memory_log=memory_log, sign_key=sign_key, archive=archive,
+                        reporter=rep)  # type: ignore[arg-type]
+    finally:
+        rep.done()
+    for line in res.summary:
+        click.echo(line)
+    click.echo(f"bundle: {res.out}" + (f" (archive {res.archive})" if res.archive else ""))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): require a valid signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@handle_errors
+def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
+    """Show a bundle's manifest and verify its files (and signature)."""
+    from .inspect_bundle import describe
+
+    text = describe(Path(bundle), trust_key=trust_key, as_json=as_json)
+    click.echo(text)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,136 @@
+"""Quantize (PT2E, XNNPACK quantizer) and export to an ExecuTorch program.
+
+    from toma_edge.host.export import export_program
+    res = export_program(model, example, max_batch=256, quantize="int8",
+                         calibration=[X_train[i:i+32] for i in range(0, 256, 32)])
+    open("model.pte", "wb").write(res.pte)
+    res.reference(x)            # the eager model that model.pte computes (int8 simulated)
+
+The program takes raw input rows with a dynamic batch dimension 1..max_batch;
+preprocessing is whatever the model's forward does, so it travels inside the graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["Quantization", "ExportResult", "export_program", "WithSoftmax", "quantize_model"]
+
+Quantization = Literal["int8", "int8-dynamic", "fp32"]
+
+
+class WithSoftmax(nn.Module):
+    """A classifier's graph ends in softmax: the program outputs probabilities."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=-1)
+
+
+@dataclass
+class ExportResult:
+    pte: bytes
+    planned_bytes: int
+    reference: Callable[[torch.Tensor], torch.Tensor]
+    quantization: Quantization
+
+
+def _dynamic_shapes(max_batch: int) -> dict[str, dict[int, object]]:
+    from torch.export import Dim
+
+    # min=1 would let export specialise a size-1 example; the example has >= 2 rows
+    return {"x": {0: Dim("batch", min=1, max=max_batch)}}
+
+
+class _Entry(nn.Module):
+    """Names the program's input ``x`` whatever the user's forward calls it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def quantize_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    kind: Quantization,
+    max_batch: int,
+    calibration: Iterable[np.ndarray],
+) -> nn.Module:
+    """PT2E quantization with the XNNPACK quantizer (per-channel weights).
+
+    ``int8``: static activations calibrated on ``calibration`` batches; ``int8-dynamic``:
+    activation scales computed per batch at run time (outputs depend on batch mates).
+    Returns the converted (eager, simulated-int8) module; ``fp32`` returns the model.
+    """
+    if kind == "fp32":
+        return model
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    qcfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=(kind == "int8-dynamic"))
+    quantizer = XNNPACKQuantizer().set_global(qcfg)
+    captured = torch.export.export(
+        _Entry(model).eval(), (example,), dynamic_shapes=_dynamic_shapes(max_batch)
+    ).module()
+    prepared = prepare_pt2e(captured, quantizer)  # type: ignore[arg-type]
+    with torch.no_grad():
+        n = 0
+        for batch in calibration:
+            prepared(torch.as_tensor(np.asarray(batch), dtype=torch.float32))
+            n += 1
+        if n == 0 and kind == "int8":
+            raise ConfigError("int8 quantization needs calibration data; got no batches")
+    return convert_pt2e(prepared)
+
+
+def export_program(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    max_batch: int,
+    quantize: Quantization = "int8",
+    calibration: Iterable[np.ndarray] = (),
+) -> ExportResult:
+    """Quantize as asked, export with a dynamic batch, lower to XNNPACK, serialise."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    if quantize not in ("int8", "int8-dynamic", "fp32"):
+        raise ConfigError(f"unknown quantization '{quantize}'; use int8, int8-dynamic or fp32")
+    if example.shape[0] < 2:
+        example = example.repeat(2, *([1] * (example.ndim - 1)))
+    model = model.eval()
+    ref = quantize_model(model, example, kind=quantize, max_batch=max_batch, calibration=calibration)
+    entry: nn.Module = ref if quantize != "fp32" else _Entry(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(entry, (example,), dynamic_shapes=_dynamic_shapes(max_batch))
+        pm = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    plan = pm.executorch_program.execution_plan[0]
+    planned = int(sum(plan.non_const_buffer_sizes))
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return entry(x)
+
+    return ExportResult(pte=pm.buffer, planned_bytes=planned, reference=reference, quantization=quantize)

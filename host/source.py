@@ -1,0 +1,181 @@
+"""Where build's model and data come from: the built-in example or a user's project.
+
+    from toma_edge.host.source import load_source
+    src = load_source(None)                       # the built-in example
+    src = load_source("toma-edge.yaml")           # a project: imports model and data
+    model = src.factory(); src.X_train.shape
+
+Checks what the user's callables return, with one-line errors naming the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from ..project import ProjectConfig, load_project
+
+__all__ = ["ModelSource", "load_source", "import_callable", "builtin_project"]
+
+
+@dataclass
+class ModelSource:
+    """A resolved project: config, model factory and validated arrays."""
+
+    project: ProjectConfig
+    factory: Callable[[], nn.Module]
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    builtin: bool = False
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return self.project.task
+
+
+def import_callable(ref: str, root: Path, *, what: str) -> Callable[..., Any]:
+    """Import ``module:callable`` with the project's folder first on sys.path."""
+    mod_name, _, attr = ref.partition(":")
+    root_s = str(root)
+    if root_s not in sys.path:
+        sys.path.insert(0, root_s)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # the user's module may raise anything while importing
+        raise ConfigError(
+            f"{what} '{ref}': cannot import module '{mod_name}' from {root}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    fn = getattr(mod, attr, None)
+    if fn is None or not callable(fn):
+        raise ConfigError(f"{what} '{ref}': module '{mod_name}' has no callable '{attr}'")
+    return fn  # type: ignore[no-any-return]
+
+
+def builtin_project() -> ProjectConfig:
+    """The built-in example as a project: 100 epochs, batch 32, 5 folds, int8."""
+    return ProjectConfig.model_validate({
+        "name": "seed-regression",
+        "task": "regression",
+        "model": "toma_edge.host.example:ExampleRegressor",
+        "data": "toma_edge.host.example:make_data",
+        "train": {"epochs": 100, "lr": 1e-3, "batch_size": 32, "folds": 5, "seed": 0},
+        "compress": {"quantize": "int8", "prune": 0.0},
+        "export": {"max_batch": 256},
+    })
+
+
+def _as_array(a: Any, name: str) -> np.ndarray:
+    if isinstance(a, (str, Path)):
+        raise InputError(f"data: {name} is a path ({a}); return numpy arrays")
+    try:
+        arr = np.asarray(a)
+    except Exception as e:
+        raise InputError(f"data: {name} cannot be turned into a numpy array: {e}") from e
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"data: {name} must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_data(out: Any, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise InputError(
+            "data: the data callable must return (X_train, y_train, X_test, y_test), "
+            f"got {type(out).__name__}{' of length ' + str(len(out)) if isinstance(out, (tuple, list)) else ''}"
+        )
+    X_tr, y_tr, X_te, y_te = (_as_array(a, n) for a, n in zip(out, ("X_train", "y_train", "X_test", "y_test")))
+    if X_tr.ndim < 2:
+        raise InputError(f"data: X_train must have a row dimension and features, got shape {X_tr.shape}")
+    if X_te.shape[1:] != X_tr.shape[1:]:
+        raise InputError(f"data: X_test rows have shape {X_te.shape[1:]} but X_train rows {X_tr.shape[1:]}")
+    for X, y, n in ((X_tr, y_tr, "train"), (X_te, y_te, "test")):
+        if len(X) != len(y):
+            raise InputError(f"data: X_{n} has {len(X)} rows but y_{n} has {len(y)}")
+        if len(X) == 0:
+            raise InputError(f"data: the {n} split is empty")
+        if not np.isfinite(X).all():
+            raise InputError(f"data: X_{n} holds NaN or infinite values")
+        if task == "regression" and not np.isfinite(y.astype(np.float64)).all():
+            raise InputError(f"data: y_{n} holds NaN or infinite values")
+    n_classes = 0
+    if task == "classification":
+        for y, n in ((y_tr, "train"), (y_te, "test")):
+            yy = y.reshape(-1) if y.ndim > 1 and y.shape[1:] == (1,) else y
+            if yy.ndim != 1 or not np.all(np.equal(np.mod(yy, 1), 0)) or yy.min() < 0:
+                raise InputError(f"data: y_{n} must hold class indices 0..K-1 for classification")
+        n_classes = int(max(y_tr.max(), y_te.max())) + 1
+        y_tr = y_tr.reshape(-1).astype(np.int64)
+        y_te = y_te.reshape(-1).astype(np.int64)
+    else:
+        y_tr = y_tr.astype(np.float32).reshape(len(y_tr), -1)
+        y_te = y_te.astype(np.float32).reshape(len(y_te), -1)
+        if y_te.shape[1] != y_tr.shape[1]:
+            raise InputError(f"data: y_test has {y_te.shape[1]} targets per row but y_train {y_tr.shape[1]}")
+    return X_tr.astype(np.float32), y_tr, X_te.astype(np.float32), y_te, n_classes
+
+
+def load_source(project_path: str | Path | None) -> ModelSource:
+    """Resolve the built-in example (None) or a project file into a ModelSource."""
+    if project_path is None:
+        from .example import ExampleRegressor, make_data
+
+        proj = builtin_project()
+        X_tr, y_tr, X_te, y_te = make_data()
+
+        return ModelSource(proj, ExampleRegressor, X_tr, y_tr, X_te, y_te, builtin=True)
+
+    proj = load_project(project_path)
+    model_fn = import_callable(proj.model, proj.root, what="model")
+    data_fn = import_callable(proj.data, proj.root, what="data")
+    try:
+        raw = data_fn()
+    except Exception as e:
+        raise InputError(f"data '{proj.data}' raised {type(e).__name__}: {e}") from e
+    X_tr, y_tr, X_te, y_te, n_classes = _check_data(raw, proj.task)
+
+    def user_factory() -> nn.Module:
+        try:
+            m = model_fn()
+        except Exception as e:
+            raise ConfigError(f"model '{proj.model}' raised {type(e).__name__}: {e}") from e
+        if not isinstance(m, nn.Module):
+            raise ConfigError(f"model '{proj.model}' must return a torch.nn.Module, got {type(m).__name__}")
+        return m
+
+    # one forward on two rows: wrong input width or output size fails here, clearly
+    import torch
+
+    probe = user_factory().eval()
+    try:
+        with torch.no_grad():
+            out = probe(torch.as_tensor(X_tr[:2]))
+    except Exception as e:
+        raise InputError(
+            f"model '{proj.model}' cannot take data rows of shape {tuple(X_tr.shape[1:])}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        raise InputError(f"model '{proj.model}' must return a (rows, outputs) tensor, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    if proj.task == "classification":
+        if out.shape[1] < n_classes:
+            raise InputError(f"model '{proj.model}' outputs {out.shape[1]} scores but the labels "
+                             f"go up to class {n_classes - 1}")
+        n_classes = int(out.shape[1])
+    elif out.shape[1] != y_tr.shape[1]:
+        raise InputError(f"model '{proj.model}' outputs {out.shape[1]} values per row but y has {y_tr.shape[1]}")
+    classes = list(proj.classes) if proj.classes else [str(i) for i in range(n_classes)]
+    if proj.task == "classification" and len(classes) != n_classes:
+        raise ConfigError(f"project: 'classes' names {len(classes)} classes but the model outputs {n_classes}")
+    return ModelSource(proj, user_factory, X_tr, y_tr, X_te, y_te, classes=classes)

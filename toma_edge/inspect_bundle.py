@@ -1,0 +1,51 @@
+"""``toma-edge inspect``: a bundle's manifest as a readable summary, files verified.
+
+    from toma_edge.inspect_bundle import describe
+    print(describe(Path("dist/rpi4")))
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from .budget import format_size
+from .bundle import extract_archive, verify_bundle
+
+__all__ = ["describe"]
+
+
+def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False) -> str:
+    """Verify the bundle (folder or .tar.gz) and describe it; BundleError if a check fails."""
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory() as d:
+            return describe(extract_archive(path, Path(d)), trust_key=trust_key, as_json=as_json)
+    vb = verify_bundle(path, trust_key=trust_key)
+    m = vb.manifest
+    if as_json:
+        return m.to_json().rstrip()
+    lines = [
+        f"bundle      {path}",
+        f"model       {m.name} {m.version} ({m.task})",
+        f"target      {m.target.name} ({m.target.arch}), inference budget {format_size(m.target.memory_budget_bytes)}",
+        "inputs      " + "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.inputs),
+        "outputs     " + "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.outputs),
+        f"max batch   {m.max_batch}" + ("  (batch-dependent: requests never share a batch)" if m.batch_dependent else ""),
+        f"shipped     {m.shipped}, pruned {float(m.compression.get('prune', 0.0)):.0%}",
+        f"memory      model.pte {format_size(m.memory.pte_bytes)}, planned arena {format_size(m.memory.planned_bytes)}",
+        "            measured peak " + ", ".join(
+            f"b{k}: {format_size(v)}" for k, v in sorted(m.memory.measured_peak_bytes.items(), key=lambda kv: int(kv[0]))),
+    ]
+    for label, mm in m.metrics.items():
+        lines.append(f"{'metrics' if label == 'reference' else '':12s}{label:9s} " + ", ".join(
+            f"{k} {v:.4f}" for k, v in mm.items()))
+    if m.classes:
+        lines.append(f"classes     {', '.join(m.classes)}")
+    if m.candidates:
+        lines.append(f"candidates  {len(m.candidates)} variants tried")
+    lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    lines.append("files       " + ", ".join(f"{k} ({format_size(e.bytes)}) sha256 ok" for k, e in m.files.items()))
+    sig = "signature ok" if trust_key else ("signed, not checked (no --trust-key)" if vb.signed else "unsigned")
+    lines.append(f"trust       {sig}; manifest sha256 {vb.manifest_sha256[:16]}…")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The project file (``toma-edge.yaml``) of a user's own model, validated on load.
+
+    from toma_edge.project import load_project
+    proj = load_project("toma-edge.yaml")
+    proj.task, proj.train.epochs, proj.compress.quantize
+    proj.root                                   # folder put on sys.path for module:callable
+
+No torch here; the host imports the ``model`` and ``data`` callables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = ["TrainConfig", "CompressConfig", "ExportConfig", "ProjectConfig", "load_project"]
+
+_Cfg = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainConfig(BaseModel):
+    """How the model is trained. ``batch_size`` is the optimisation's batch; micro-batches
+    (gradient accumulation) and checkpointing only change memory, not what is learned."""
+
+    model_config = _Cfg
+    epochs: int = Field(30, ge=1, le=100000)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    micro_batch: int | Literal["auto"] = "auto"
+    checkpointing: bool | Literal["auto", "off"] = "auto"
+    folds: int = Field(5, ge=0, le=50)
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("folds must be 0 (no cross-validation) or at least 2")
+        return v
+
+
+class CompressConfig(BaseModel):
+    """Which compression variants build may try (see ``toma-edge compress``)."""
+
+    model_config = _Cfg
+    quantize: Literal["int8", "int8-dynamic", "none", "fp32", "auto"] = "int8"
+    prune: float | Literal["auto"] = 0.0
+    calibration_batches: int = Field(8, ge=1)
+    tolerance: float | None = Field(None, ge=0)
+
+    @field_validator("prune")
+    @classmethod
+    def _prune(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ValueError("prune must be a fraction in [0, 1) or 'auto'")
+        return v
+
+
+class ExportConfig(BaseModel):
+    model_config = _Cfg
+    max_batch: int = Field(256, ge=1, le=65536)
+
+
+class ProjectConfig(BaseModel):
+    """A user's project: DESIGN.md "Project file"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: Literal["regression", "classification"]
+    model: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    data: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    version: str | None = None
+    classes: list[str] | None = None
+    train: TrainConfig = TrainConfig()
+    compress: CompressConfig = CompressConfig()
+    export: ExportConfig = ExportConfig()
+    root: Path = Path(".")
+
+
+def load_project(path: str | Path) -> ProjectConfig:
+    """Read and validate a project file; errors name the file and the field."""
+    p = Path(path)
+    try:
+        data: Any = yaml.safe_load(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: project file not found") from e
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read project file: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a project file must be a YAML mapping (name, task, model, data, ...)")
+    if "root" in data:
+        raise ConfigError(f"{p}: field 'root' is not a project setting")
+    try:
+        return ProjectConfig.model_validate({**data, "root": p.resolve().parent})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "string_pattern_mismatch" and field in ("model", "data"):
+            msg = "must be module:callable (e.g. mymodels:build)"
+        raise ConfigError(f"{p}: field '{field}': {msg}") from e
