@@ -345,9 +345,9 @@ def summary_lines(m: dict[str, Any], profile: TargetProfile, seconds: float) -> 
     ref, shp = m["metrics"]["reference"], m["metrics"]["shipped"]
     names = ["cv_rmse", "cv_r2", "test_rmse", "test_r2"] if m["task"] == "regression" else ["cv_accuracy", "test_accuracy"]
     lines = [f"built {m['name']} {m['version']} for {profile.name} in {seconds:.1f} s"]
-    lines.append(f"  {'':10s}" + "".join(f"{n:>12s}" for n in names))
+    lines.append(f"  {'':10s}" + "".join(f"{n:>15s}" for n in names))
     for label, mm in (("fp32", ref), (m["shipped"], shp)):
-        lines.append(f"  {label:10s}" + "".join(f"{mm[n]:12.4f}" if n in mm else f"{'-':>12s}" for n in names))
+        lines.append(f"  {label:10s}" + "".join(f"{mm[n]:15.4f}" if n in mm else f"{'-':>15s}" for n in names))
     mem = m["memory"]
     lines.append(
         f"  model.pte {format_size(mem['pte_bytes'])} (storage budget {format_size(m['target']['storage_budget_bytes'])}); "

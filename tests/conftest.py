@@ -9,3 +9,46 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # the real-mosquitto fixtures (mqtt_broker, broker_factory, mqtt_pki) of the telemetry tests
 pytest_plugins = ["mqtt_fixtures"]
+
+
+import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_PROJECT = REPO / "examples" / "digits" / "toma-edge.yaml"
+
+
+@pytest.fixture(scope="session")
+def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The built-in example built for rpi once per session (int8). Don't modify it:
+    copy it (``copy_bundle``) to tamper with."""
+    from toma_edge.host.build import build
+
+    out = tmp_path_factory.mktemp("bundles") / "rpi4"
+    build(target="rpi", out=out)
+    yield out
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The README's digits classifier project built for rpi once per session."""
+    from toma_edge.host.build import build
+
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    build(target="rpi", project=DIGITS_PROJECT, out=out)
+    yield out
+
+
+@pytest.fixture
+def copy_bundle(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """copy_bundle(src) -> a private copy of a bundle folder to modify."""
+
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / f"copy-{src.name}"
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
