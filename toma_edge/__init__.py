@@ -12,7 +12,7 @@ no torch at import time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .budget import MemoryBudget, format_size, parse_size
 from .errors import (
@@ -41,8 +41,25 @@ __all__ = [
     "TargetProfile",
     "load_profile",
     "list_profiles",
+    "plan_checkpointing",
+    "CheckpointPlan",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint_plan import CheckpointPlan, plan_checkpointing
+
+# public names whose modules import torch: loaded on first attribute access
+_LAZY = {
+    "plan_checkpointing": "checkpoint_plan",
+    "CheckpointPlan": "checkpoint_plan",
+}
 
 
 def __getattr__(name: str) -> Any:  # lazy: keep `import toma_edge` free of torch
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'toma_edge' has no attribute {name!r}")
