@@ -82,7 +82,8 @@ def test_planner_leaves_gradients_alone() -> None:
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
     plan_checkpointing(model, x, budget="1GiB")
-    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+    assert all(p.grad is not None and torch.equal(p.grad, torch.full_like(p, 3.0))
+               for p in model.parameters())
 
 
 def test_budget_too_small_names_the_minimum() -> None:
