@@ -64,6 +64,8 @@ class BuildResult:
     seconds: float
     summary: list[str] = field(default_factory=list)
     archive: Path | None = None
+    #: the eager model that model.pte computes (simulated int8 for int8 variants); not saved
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -301,7 +303,8 @@ def build(
         arch = make_archive(out_dir, out_dir.with_name(out_dir.name + ".tar.gz"))
     secs = time.perf_counter() - t0
     return BuildResult(out=out_dir, manifest=manifest, seconds=secs,
-                       summary=summary_lines(manifest, profile, secs), archive=arch)
+                       summary=summary_lines(manifest, profile, secs), archive=arch,
+                       reference=res.reference)
 
 
 def _resolve_quant(q: str, profile: TargetProfile) -> Quantization:
