@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .adaptive import AdaptCallback, BatchSizePolicy, _release_after_oom, is_oom_error
+from .errors import BudgetError
 from .probes import peak_probe
 
 if TYPE_CHECKING:
@@ -101,6 +102,10 @@ def accumulate_step(
                 (loss * weight).backward()
                 del loss
             rise = m.device_rise_bytes if budget_bytes is not None else None
+        except BudgetError:
+            if plan is None or in_backward:
+                raise
+            failed = True  # no checkpoint plan fits this micro-batch: try a smaller one
         except Exception as e:
             if not is_oom_error(e):
                 raise
