@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import random
 import resource
@@ -43,7 +44,7 @@ from ..telemetry import (
     topic,
     validate_id,
 )
-from .spool import Spool
+from .spool import Spool, SpoolRow
 
 __all__ = [
     "TelemetryAgent",
@@ -65,6 +66,7 @@ ConnectionHook = Callable[[bool], None]
 """Called with True when the agent (re)connects to the broker, False when it loses it."""
 
 _AGENT = "toma-edge-agent/1"
+_NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code 0x10
 
 
 class RequestWindow:
@@ -134,8 +136,18 @@ class RequestWindow:
 
 def _quantile(sorted_values: list[float], q: float) -> float:
     # nearest-rank: a latency that some request really had
-    k = min(len(sorted_values) - 1, max(0, int(round(q * len(sorted_values) + 0.5)) - 1))
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values) - 1e-9) - 1))
     return sorted_values[k]
+
+
+def _acked(info: Any) -> bool:
+    """Whether the broker acknowledged a QoS 1 message handed to paho."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        # paho raises when publish() met a dropped connection (rc recorded then), though it
+        # keeps the message, resends it after reconnecting and marks it on PUBACK
+        return bool(getattr(info, "_published", False))
 
 
 def _default_memory() -> tuple[int, int]:
@@ -197,6 +209,8 @@ class TelemetryAgent:
     the telemetry window in seconds (None: no timer, call :meth:`emit_telemetry`).
     ``budget_bytes`` is the process's memory budget reported next to RSS.
     ``max_spool_messages`` bounds the spool (oldest telemetry dropped first, counted).
+    ``retry_s`` is how long a message no collector subscribed to waits before it is sent
+    again (seconds).
     """
 
     def __init__(
@@ -215,6 +229,7 @@ class TelemetryAgent:
         client_id: str | None = None,
         max_spool_messages: int = 100_000,
         max_inflight: int = 100,
+        retry_s: float = 1.0,
         start: bool = True,
     ) -> None:
         self.fleet = validate_id(fleet, what="fleet")
@@ -242,6 +257,8 @@ class TelemetryAgent:
         self._wake = threading.Event()
         self._connected = threading.Event()
         self._rejected = 0
+        self._unrouted: deque[int] = deque()
+        self._retry_s = retry_s
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._client: Any = None
@@ -451,8 +468,12 @@ class TelemetryAgent:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        # runs in paho's thread under its message lock: touch nothing of ours but counters
-        if getattr(reason, "is_failure", False):
+        # runs in paho's thread under its message lock (before the message is marked
+        # published): touch nothing of ours but a deque and counters
+        value = getattr(reason, "value", 0)
+        if value == _NO_MATCHING_SUBSCRIBERS:
+            self._unrouted.append(mid)
+        elif getattr(reason, "is_failure", False):
             self._rejected += 1
             log.error("broker refused message %d: %s", mid, reason)
         self._wake.set()
@@ -463,36 +484,58 @@ class TelemetryAgent:
         paho keeps unacknowledged QoS 1 messages and resends them itself after a
         reconnect, so a message is handed over once per process; after a restart the
         spool (where it still is) hands it again, and the collector drops the duplicate.
+        A PUBACK saying "no matching subscribers" (no collector session holds the message,
+        e.g. a restarted broker before the collectors subscribed again) is not a delivery:
+        the message stays spooled and is sent again ``retry_s`` later.
         """
-        inflight: deque[tuple[int, Any]] = deque()
+        inflight: deque[tuple[SpoolRow, Any]] = deque()
+        retry: deque[tuple[float, SpoolRow]] = deque()
+        unrouted: set[int] = set()
         cursor = 0
+        warned = False
         while True:
             self._wake.wait(timeout=0.2)
             self._wake.clear()
             try:
+                while self._unrouted:
+                    unrouted.add(self._unrouted.popleft())
                 done: list[int] = []
-                waiting: deque[tuple[int, Any]] = deque()
-                for rid, info in inflight:
-                    if info.is_published():  # PUBACK came (evaluated once per message)
-                        done.append(rid)
+                waiting: deque[tuple[SpoolRow, Any]] = deque()
+                now = time.monotonic()
+                for row, info in inflight:
+                    if not _acked(info):
+                        waiting.append((row, info))
+                    elif info.mid in unrouted:
+                        unrouted.discard(info.mid)
+                        retry.append((now + self._retry_s, row))
+                        if not warned:
+                            log.warning("no collector is subscribed to %s; keeping telemetry "
+                                        "spooled and retrying", row.topic)
+                            warned = True
                     else:
-                        waiting.append((rid, info))
+                        done.append(row.id)
+                        warned = False
                 inflight = waiting
                 if done:
                     self._spool.delete(done)
-
                 if self._stop.is_set():
                     return
+                if not self._connected.is_set():
+                    continue
+                while retry and retry[0][0] <= now and len(inflight) < self._max_inflight:
+                    row = retry.popleft()[1]
+                    inflight.append((row, self._publish_row(row)))
                 room = self._max_inflight - len(inflight)
-                if self._connected.is_set() and room > 0:
+                if room > 0 and not retry:
                     for row in self._spool.peek(after_id=cursor, limit=room):
-                        info = self._client.publish(row.topic, row.payload, qos=row.qos,
-                                                    retain=row.retain)
-                        inflight.append((row.id, info))
+                        inflight.append((row, self._publish_row(row)))
                         cursor = row.id
             except TelemetryError as e:  # disk full, spool gone: say so, keep trying
                 log.error("%s", e)
                 time.sleep(1.0)
+
+    def _publish_row(self, row: SpoolRow) -> Any:
+        return self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
 
     def _timer(self) -> None:
         assert self.interval_s is not None

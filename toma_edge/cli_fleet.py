@@ -9,17 +9,34 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import click
 
-from .cli import handle_errors
-
 __all__ = ["fleet"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """toma_edge.cli.handle_errors, looked up at call time: cli.py imports this module, and
+    ``python -m toma_edge.cli`` would otherwise import it half-initialised."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .cli import handle_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 _DB_HELP = "The fleet's SQLite database (one file, shared by collectors on this host)."
 
