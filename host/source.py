@@ -48,8 +48,11 @@ def import_callable(ref: str, root: Path, *, what: str) -> Callable[..., Any]:
     """Import ``module:callable`` with the project's folder first on sys.path."""
     mod_name, _, attr = ref.partition(":")
     root_s = str(root)
-    if root_s not in sys.path:
-        sys.path.insert(0, root_s)
+    if root_s in sys.path:
+        sys.path.remove(root_s)
+    sys.path.insert(0, root_s)
+    importlib.invalidate_caches()
+    _forget_foreign_module(mod_name.split(".")[0], root)
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # the user's module may raise anything while importing
@@ -61,6 +64,18 @@ def import_callable(ref: str, root: Path, *, what: str) -> Callable[..., Any]:
     if fn is None or not callable(fn):
         raise ConfigError(f"{what} '{ref}': module '{mod_name}' has no callable '{attr}'")
     return fn  # type: ignore[no-any-return]
+
+
+def _forget_foreign_module(top: str, root: Path) -> None:
+    """A module of that name loaded from another folder must not answer for this project."""
+    loaded = sys.modules.get(top)
+    if loaded is None or not ((root / f"{top}.py").exists() or (root / top).is_dir()):
+        return
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file and Path(loaded_file).resolve().is_relative_to(root.resolve()):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
 
 
 def builtin_project() -> ProjectConfig:

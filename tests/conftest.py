@@ -22,14 +22,19 @@ DIGITS_PROJECT = REPO / "examples" / "digits" / "toma-edge.yaml"
 
 
 @pytest.fixture(scope="session")
-def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The built-in example built for rpi once per session (int8). Don't modify it:
-    copy it (``copy_bundle``) to tamper with."""
+def example_build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """BuildResult of the built-in example built for rpi once per session (int8)."""
     from toma_edge.host.build import build
 
     out = tmp_path_factory.mktemp("bundles") / "rpi4"
-    build(target="rpi", out=out)
-    yield out
+    return build(target="rpi", out=out)
+
+
+@pytest.fixture(scope="session")
+def example_bundle(example_build) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """The built-in example's bundle folder. Don't modify it: copy it (``copy_bundle``)
+    to tamper with."""
+    yield example_build.out
 
 
 @pytest.fixture(scope="session")

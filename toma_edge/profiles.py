@@ -32,7 +32,10 @@ __all__ = [
 
 def _size(v: Any) -> int:
     if isinstance(v, (int, float, str)) and not isinstance(v, bool):
-        return parse_size(v)
+        try:
+            return parse_size(v)
+        except ConfigError as e:  # pydantic names the field only for ValueError
+            raise ValueError(str(e)) from e
     raise ValueError(f"{v!r} is not a size (write it like 256MiB)")
 
 
@@ -127,8 +130,6 @@ def profile_from_file(path: Path) -> TargetProfile:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise ConfigError(f"{path}: field '{field}': {err['msg']}") from e
-    except ConfigError as e:  # a size string inside a validator
-        raise ConfigError(f"{path}: {e}") from e
 
 
 @lru_cache(maxsize=8)
