@@ -102,8 +102,8 @@ def test_fleet_status_and_report(mqtt_broker: Broker, tmp_path: Path) -> None:
                                interval_s=None, budget_bytes=512 << 20, target="rpi4")
             a.set_model("seed-regression", "2026.11.24-1", "ab" * 32)
             for _w in range(4):
-                for r in range(20):
-                    a.record_request(0.001 * (r + 1), rows=4, error=(r == 0 and i == 5))
+                for k in range(20):
+                    a.record_request(0.001 * (k + 1), rows=4, error=(k == 0 and i == 5))
                 a.emit_telemetry()
             assert a.flush(10)
             agents.append(a)

@@ -244,6 +244,10 @@ def decode(kind: str, payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTE
         raise TelemetryError(f"telemetry kind {kind!r} is unknown; expected {', '.join(KINDS)}")
     if len(payload) > max_bytes:
         raise TelemetryError(f"{kind} payload of {len(payload)} bytes is over {max_bytes} bytes")
+    try:  # fast path (pydantic's JSON parser); errors are explained by the slow path below
+        return cls.model_validate_json(payload, strict=False)  # type: ignore[return-value]
+    except ValidationError:
+        pass
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
