@@ -20,6 +20,8 @@ from torch import nn
 
 __all__ = [
     "TrainSpec",
+    "MemoryPolicy",
+    "fit_step_to_budget",
     "ProgressFn",
     "train_model",
     "evaluate",
@@ -43,6 +45,130 @@ class TrainSpec:
     batch_size: int = 32
     seed: int = 0
     weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """How training stays inside a memory budget (the project's ``train:`` memory keys).
+
+    ``train_budget_bytes``: peak RSS of the whole training process (or the CUDA peak).
+    ``step_budget_bytes``: overrides what one forward+backward may add (bytes); by
+    default it is the training budget less what the process holds with parameters,
+    gradients and optimizer state allocated. ``micro_batch``: ``"auto"`` lets the adaptive
+    policy split a batch that does not fit into micro-batches (gradient accumulation),
+    an int fixes the first micro-batch size. ``checkpointing``: ``"auto"`` plans
+    budget-driven checkpointing for models that are an ``nn.Sequential`` of blocks.
+    """
+
+    train_budget_bytes: int | None = None
+    step_budget_bytes: int | None = None
+    micro_batch: int | Literal["auto"] = "auto"
+    checkpointing: bool | Literal["auto", "off"] = "auto"
+    on_event: Callable[[object], None] | None = None
+    on_info: Callable[[str], None] | None = None
+
+
+Update = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _optimizer_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer will still allocate at its first step (Adam: two moments)."""
+    if any(opt.state.values()):
+        return 0
+    per = 2 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else 1
+    return per * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def fit_step_to_budget(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    policy: MemoryPolicy,
+) -> Update | None:
+    """Decide how one optimisation step on batches like ``xb`` stays in budget.
+
+    Measures one forward+backward at the full batch (RNG state and gradients restored,
+    so what is learned does not change). Returns None when it fits as it is, else an
+    update function that checkpoints (planned within the step budget) and/or splits the
+    batch into micro-batches whose gradients add up to the full batch's. Raises
+    BudgetError when even batch 1 with every block checkpointed cannot fit.
+    """
+    from ..accumulate import accumulate_step
+    from ..budget import format_size
+    from ..errors import BudgetError
+    from ..probes import peak_probe, rss_bytes
+
+    if policy.train_budget_bytes is None and policy.step_budget_bytes is None:
+        return None
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if policy.step_budget_bytes is not None:
+        step_budget = policy.step_budget_bytes
+    else:
+        assert policy.train_budget_bytes is not None
+        held = rss_bytes() + _optimizer_state_bytes(model, opt)
+        step_budget = policy.train_budget_bytes - held
+        if step_budget <= 0:
+            raise BudgetError(
+                f"the training budget {format_size(policy.train_budget_bytes)} is already used up "
+                f"by the process before any step ({format_size(held)} with parameters, gradients "
+                f"and optimizer state); raise --train-budget above {format_size(held + (64 << 20))}"
+            )
+    rng = torch.get_rng_state()
+    try:
+        with peak_probe().measure() as m:
+            loss_fn(model(xb), yb).backward()
+    finally:
+        torch.set_rng_state(rng)
+        opt.zero_grad(set_to_none=False)
+    rise = m.device_rise_bytes
+    if rise <= step_budget:
+        return None
+
+    info = policy.on_info or (lambda _msg: None)
+    plan = None
+    if policy.checkpointing in ("auto", True) and isinstance(model, nn.Sequential):
+        from ..checkpoint_plan import plan_checkpointing
+
+        try:
+            plan = plan_checkpointing(model, xb, budget=step_budget)
+            info(f"checkpointing segments {plan.segments} to fit one step in {format_size(step_budget)}")
+        except BudgetError:
+            plan = None
+    if plan is None and policy.micro_batch not in ("auto",) and not isinstance(policy.micro_batch, int):
+        raise BudgetError(
+            f"one step at batch {len(xb)} needs {format_size(rise)} but the budget leaves "
+            f"{format_size(step_budget)}; allow train.micro_batch: auto"
+        )
+    if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
+        import warnings
+
+        warnings.warn(
+            "splitting batches of a model with BatchNorm: its statistics see micro-batches, "
+            "so what is learned changes slightly", stacklevel=2,
+        )
+    if plan is None and isinstance(model, nn.Sequential) and policy.checkpointing in ("auto", True):
+        # micro-batches of a Sequential also get checkpointed: plan at batch 1, the
+        # planned module re-plans itself for the micro-batch size it sees
+        from ..checkpoint_plan import plan_checkpointing
+
+        try:
+            plan = plan_checkpointing(model, xb[:1], budget=step_budget)
+        except BudgetError as e:
+            raise BudgetError(f"the training step cannot fit even at batch 1 with every block "
+                              f"checkpointed: {e}") from e
+    first = policy.micro_batch if isinstance(policy.micro_batch, int) else None
+    info(f"one step at batch {len(xb)} needs {format_size(rise)}, over the "
+         f"{format_size(step_budget)} step budget: micro-batching")
+
+    def update(x: torch.Tensor, y: torch.Tensor) -> None:
+        accumulate_step(model, loss_fn, opt, x, y, budget_bytes=step_budget, micro_batch=first,
+                        plan=plan, key=f"train:{id(model)}", on_event=policy.on_event)  # type: ignore[arg-type]
+
+    return update
 
 
 def loss_fn_for(task: Task) -> nn.Module:
@@ -69,15 +195,16 @@ def train_model(
     spec: TrainSpec,
     *,
     progress: ProgressFn | None = None,
-    step: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
+    memory: MemoryPolicy | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     epochs: int | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with Adam on shuffled mini-batches; returns it in eval mode.
 
-    ``step`` replaces the default forward/backward of one batch (the TOMA trainer passes
-    one that splits the batch into micro-batches and checkpoints within the budget); it
-    must leave the batch's mean-loss gradients in ``.grad``.
+    With ``memory``, the first batch is measured against the budget: a step that does
+    not fit is checkpointed and/or split into micro-batches (gradient accumulation), so
+    ``spec.batch_size`` stays the optimisation's batch and what is learned does not
+    change (up to float rounding; BatchNorm statistics excepted, with a warning).
     """
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -87,16 +214,20 @@ def train_model(
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     n_epochs = spec.epochs if epochs is None else epochs
     model.train()
+    update: Update | None = None
+    if memory is not None and len(xt):
+        b = min(spec.batch_size, len(xt))
+        update = fit_step_to_budget(model, loss_fn, opt, xt[:b], yt[:b], memory)
     for epoch in range(n_epochs):
         for idx in _batches(len(xt), spec.batch_size, gen):
             xb, yb = xt[idx], yt[idx]
-            opt.zero_grad(set_to_none=False)
-            if step is None:
+            if update is None:
+                opt.zero_grad(set_to_none=False)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
+                opt.step()
             else:
-                step(model, xb, yb)
-            opt.step()
+                update(xb, yb)
         if progress is not None:
             progress(epoch + 1, n_epochs)
     model.eval()
