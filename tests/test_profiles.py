@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_unknown_target_lists_known_ones() -> None:
 
 
 @pytest.fixture
-def profiles_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def profiles_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     d = tmp_path / "profiles"
     shutil.copytree(profiles_dir(), d)
     monkeypatch.setenv("TOMA_EDGE_PROFILES", str(d))
