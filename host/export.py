@@ -12,6 +12,7 @@ preprocessing is whatever the model's forward does, so it travels inside the gra
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+# torchao warns at import about CUDA kernels a CPU build cannot load, and torch's pytree
+# about a deprecation inside torchao: noise on a user's terminal, nothing they can act on
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __all__ = ["Quantization", "ExportResult", "export_program", "WithSoftmax", "quantize_model"]
 
