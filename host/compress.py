@@ -1,0 +1,446 @@
+"""Compression that fits the target: try variants, measure each, ship the smallest good one.
+
+    from toma_edge.host.compress import compress
+    from toma_edge.project import CompressConfig
+    res = compress(model, CompressConfig(quantize="auto", prune="auto"), task="regression",
+                   train=(X_fit, y_fit), val=(X_val, y_val), target="rpi")
+    print(res.table()); res.shipped.quantization, res.shipped.prune
+    open("model.pte", "wb").write(res.export.pte)
+
+Candidates are the quantization kinds ``config.quantize`` allows (``auto``: fp32, int8 and
+int8-dynamic) times the pruning ratios ``config.prune`` allows (``auto``: 0, 0.25, 0.5 of
+the hidden units, structured, each pruned copy fine-tuned on ``train``). Each is exported
+and measured for real: .pte bytes, the planned arena at ``max_batch``, the peak RSS
+increase of a fresh device process at batch 1, the batch-1 latency through the ExecuTorch
+runtime on this host (one thread, median), and the metric (R2 or accuracy) on ``val``
+through the runtime. A candidate fits when its .pte is within the storage budget, the
+.pte plus its batch-1 peak within the inference budget less the profile's expected
+baseline, and its latency within ``latency_budget_ms`` (when given). Among those that fit,
+the smallest .pte whose validation metric is within ``tolerance`` of the best ships
+(default 0.005 R2, or 0.005 accuracy = half a point). ``val`` must be rows the model was
+not trained on; the test split is never shown to the search. None fits: BudgetError
+naming the closest candidate and by how much it misses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..budget import format_size, parse_size
+from ..errors import BudgetError, BundleError, ConfigError
+from ..profiles import TargetProfile, load_profile
+from ..project import CompressConfig
+from .export import ExportResult, Quantization, WithSoftmax, export_program
+from .prune import Criterion, find_prunable, finetune, prune_structured
+from .train import Task, TrainSpec, evaluate
+
+__all__ = [
+    "AUTO_PRUNE",
+    "ALL_QUANTIZATIONS",
+    "Candidate",
+    "CompressResult",
+    "ProgressFn",
+    "compress",
+    "candidate_variants",
+    "choose",
+    "validation_split",
+    "default_tolerance",
+    "BuildChoice",
+    "search_for_build",
+]
+
+#: the ratios ``prune: auto`` tries
+AUTO_PRUNE: tuple[float, ...] = (0.0, 0.25, 0.5)
+#: the kinds ``quantize: auto`` tries
+ALL_QUANTIZATIONS: tuple[Quantization, ...] = ("fp32", "int8", "int8-dynamic")
+#: called with a line of text as each candidate is measured
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One compression variant, measured. Sizes in bytes, latency in milliseconds."""
+
+    quantization: Quantization
+    prune: float
+    pte_bytes: int
+    planned_bytes: int
+    peak_bytes: int
+    latency_ms: float
+    metric: str
+    value: float
+    fits: bool
+    miss: str = ""
+    #: how far over its worst limit, as a fraction (0 when it fits)
+    over: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.quantization} pruned {self.prune:.0%}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's ``candidates`` entry."""
+        d = asdict(self)
+        d.pop("over")
+        d.pop("metric")
+        d.pop("value")
+        d[self.metric] = None if math.isnan(self.value) else self.value
+        d["measured_peak_bytes"] = d.pop("peak_bytes")
+        if not self.miss:
+            d.pop("miss")
+        return d
+
+
+@dataclass
+class CompressResult:
+    """The shipped variant, every candidate, the shipped eager model and its program."""
+
+    shipped: Candidate
+    candidates: tuple[Candidate, ...]
+    model: nn.Module
+    export: ExportResult
+    tolerance: float
+
+    def table(self) -> str:
+        return format_table(self.candidates, self.shipped)
+
+
+def default_tolerance(task: Task | str) -> float:
+    """0.005 R2 for regression, 0.005 accuracy (half a point) for classification."""
+    return 0.005
+
+
+def candidate_variants(config: CompressConfig, *, prunable: bool = True
+                       ) -> list[tuple[Quantization, float]]:
+    """(quantization, prune ratio) pairs the config allows, smallest search first."""
+    q = config.quantize
+    kinds: tuple[Quantization, ...]
+    if q == "auto":
+        kinds = ALL_QUANTIZATIONS
+    elif q in ("none", "fp32"):
+        kinds = ("fp32",)
+    else:
+        kinds = (q,)  # type: ignore[assignment]
+    if config.prune == "auto":
+        ratios = AUTO_PRUNE if prunable else (0.0,)
+    else:
+        ratios = (float(config.prune),)
+    return [(k, r) for r in ratios for k in kinds]
+
+
+def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None, fraction: float = 0.2,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) row indices of the training data; stratified for classification."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    strat = None
+    if task == "classification" and y is not None:
+        labels = np.asarray(y).reshape(-1)
+        _, counts = np.unique(labels, return_counts=True)
+        if counts.min() >= 2 and int(round(n * fraction)) >= len(counts):
+            strat = labels
+    fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    return np.sort(fit), np.sort(val)
+
+
+def calibration_batches(X: np.ndarray, batches: int, *, batch_size: int = 32, seed: int = 0
+                        ) -> list[np.ndarray]:
+    """``batches`` random batches of training rows for int8 calibration."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(X))
+    return [X[idx[i : i + batch_size]] for i in range(0, min(len(X), batches * batch_size), batch_size)]
+
+
+def export_net(model: nn.Module, task: Task | str) -> nn.Module:
+    """What goes into the program: a classifier's logits end in softmax."""
+    return WithSoftmax(model).eval() if task == "classification" else model.eval()
+
+
+def run_rows(program: Any, X: np.ndarray, max_batch: int) -> np.ndarray:
+    """Rows through a loaded program in batches of at most ``max_batch``."""
+    return np.concatenate([program.run([np.ascontiguousarray(X[i : i + max_batch])])[0]
+                           for i in range(0, len(X), max_batch)])
+
+
+def latency_ms(program: Any, x: np.ndarray, *, repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of one forward of ``x`` through a loaded program, milliseconds."""
+    x = np.ascontiguousarray(x)
+    for _ in range(warmup):
+        program.run([x])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        program.run([x])
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def start_peak_measurement(pte_path: Path, batches: Iterable[int] = (1,)) -> subprocess.Popen[str]:
+    """Start measuring the peak RSS increase over the loaded program, per batch size, in a
+    fresh device process; ``finish_peak_measurement`` collects it. Runs beside the next export."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "toma_edge.device.measure", str(pte_path),
+           "--batches", ",".join(str(b) for b in batches)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish_peak_measurement(proc: subprocess.Popen[str], *, timeout_s: float = 300) -> dict[str, Any]:
+    """The JSON the device's measure module printed (adapter, measured_peak_bytes)."""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise BundleError(f"measuring the program's memory took over {timeout_s:g} s") from e
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"the exported program does not run in the device runtime: {last}")
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _limits_miss(pte: int, peak: int, lat: float, *, profile: TargetProfile, adapter: str,
+                 storage_bytes: int, latency_budget_ms: float | None) -> tuple[float, str]:
+    """(fraction over the worst limit, a phrase naming every limit missed)."""
+    working = profile.working_budget_bytes(adapter)
+    overs: list[float] = []
+    why: list[str] = []
+    if pte > storage_bytes:
+        overs.append(pte / storage_bytes - 1)
+        why.append(f"model.pte {format_size(pte)} is {format_size(pte - storage_bytes)} over the "
+                   f"{format_size(storage_bytes)} storage budget")
+    if pte + peak > working:
+        overs.append((pte + peak) / max(1, working) - 1)
+        why.append(f"needs {format_size(pte + peak)} at batch 1, {format_size(pte + peak - working)} over "
+                   f"the {format_size(working)} the inference budget leaves after the baseline")
+    if latency_budget_ms is not None and lat > latency_budget_ms:
+        overs.append(lat / latency_budget_ms - 1)
+        why.append(f"takes {lat:.3f} ms at batch 1, {lat - latency_budget_ms:.3f} ms over the "
+                   f"{latency_budget_ms:g} ms latency budget")
+    return (max(overs) if overs else 0.0), "; ".join(why)
+
+
+def choose(candidates: Iterable[Candidate], *, tolerance: float, target: str = "the target") -> Candidate:
+    """The smallest fitting candidate within ``tolerance`` of the best fitting metric.
+
+    Metrics are higher-is-better (R2, accuracy); ties in size go to the better metric.
+    Raises BudgetError naming the closest candidate when none fits.
+    """
+    cands = list(candidates)
+    if not cands:
+        raise ConfigError("no compression candidates to choose from")
+    fitting = [c for c in cands if c.fits]
+    if not fitting:
+        closest = min(cands, key=lambda c: (c.over, c.pte_bytes))
+        raise BudgetError(
+            f"no compression variant fits {target}: the closest, {closest.label}, misses: {closest.miss}; "
+            "allow more compression (compress.quantize: auto, compress.prune: auto) or relax the budget"
+        )
+    best = max(c.value for c in fitting)
+    good = [c for c in fitting if c.value >= best - tolerance - 1e-12]
+    return min(good, key=lambda c: (c.pte_bytes, -c.value))
+
+
+def format_table(candidates: Iterable[Candidate], shipped: Candidate | None = None) -> str:
+    """The candidates as a text table; ``*`` marks the shipped one."""
+    cands = list(candidates)
+    metric = cands[0].metric if cands else "val"
+    head = (f"  {'quantization':13s}{'prune':>6s}{'pte':>10s}{'planned':>10s}{'peak@1':>10s}"
+            f"{'ms@1':>9s}{metric:>11s}  fits")
+    lines = [head]
+    for c in cands:
+        mark = "*" if c is shipped else " "
+        lines.append(
+            f"{mark} {c.quantization:13s}{c.prune:6.2f}{format_size(c.pte_bytes):>10s}"
+            f"{format_size(c.planned_bytes):>10s}{format_size(c.peak_bytes):>10s}{c.latency_ms:9.3f}"
+            f"{c.value:11.4f}  {'yes' if c.fits else 'no: ' + c.miss}"
+        )
+    return "\n".join(lines)
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig | None = None,
+    *,
+    task: Task,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    target: str | TargetProfile = "rpi",
+    max_batch: int = 256,
+    storage_budget: str | int | None = None,
+    latency_budget_ms: float | None = None,
+    spec: TrainSpec | None = None,
+    finetune_epochs: int | None = None,
+    criterion: Criterion = "l2",
+    progress: ProgressFn | None = None,
+) -> CompressResult:
+    """Search the variants ``config`` allows for ``model`` (trained, fp32, raw logits for
+    classification) and return the one to ship; see the module docstring.
+
+    ``train`` rows fine-tune the pruned copies and calibrate int8; ``val`` rows score them.
+    ``spec`` sets the fine-tuning's learning rate and batch (default: Adam 1e-3, batch 32);
+    ``finetune_epochs`` defaults to a fifth of ``spec.epochs`` (at least 5).
+    ``storage_budget`` defaults to the target's.
+    """
+    from ..device.adapter import load_program
+
+    config = config or CompressConfig()
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
+    spec = spec or TrainSpec(task=task)
+    epochs = finetune_epochs if finetune_epochs is not None else max(5, spec.epochs // 5)
+    tol = config.tolerance if config.tolerance is not None else default_tolerance(task)
+    X_tr, y_tr = (np.asarray(a) for a in train)
+    X_val, y_val = (np.asarray(a) for a in val)
+    X_tr = X_tr.astype(np.float32)
+    X_val = X_val.astype(np.float32)
+    metric = "r2" if task == "regression" else "accuracy"
+    prunable = config.prune != "auto" or bool(find_prunable(model))
+    variants = candidate_variants(config, prunable=prunable)
+    cal = calibration_batches(X_tr, config.calibration_batches)
+    example = torch.as_tensor(X_tr[:2])
+    pruned: dict[float, nn.Module] = {}
+    cands: list[Candidate] = []
+    programs: dict[tuple[str, float], ExportResult] = {}
+    pending: list[tuple[Quantization, float, ExportResult, float, float, subprocess.Popen[str]]] = []
+    with tempfile.TemporaryDirectory(prefix="toma-compress-") as td:
+        try:
+            for kind, ratio in variants:
+                if ratio not in pruned:
+                    m = prune_structured(model, ratio, criterion=criterion)
+                    if ratio > 0:
+                        m = finetune(m, X_tr, y_tr, spec, epochs=epochs)
+                    pruned[ratio] = m
+                res = export_program(export_net(pruned[ratio], task), example, max_batch=max_batch,
+                                     quantize=kind, calibration=cal)
+                pte_path = Path(td) / f"{kind}-{ratio}.pte"
+                pte_path.write_bytes(res.pte)
+                prog = load_program(pte_path, threads=1)
+                lat = latency_ms(prog, X_val[:1])
+                score = evaluate(functools.partial(run_rows, prog, max_batch=max_batch), X_val, y_val,
+                                 task, prefix="val_")[f"val_{metric}"]
+                del prog
+                # the memory of this one is measured while the next one exports
+                pending.append((kind, ratio, res, lat, float(score), start_peak_measurement(pte_path, (1,))))
+                if progress is not None:
+                    progress(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, {lat:.3f} ms, "
+                             f"val {metric} {score:.4f}")
+            for kind, ratio, res, lat, score, proc in pending:
+                meas = finish_peak_measurement(proc)
+                peak = int(meas["measured_peak_bytes"]["1"])
+                over, miss = _limits_miss(len(res.pte), peak, lat, profile=profile,
+                                          adapter=meas["adapter"], storage_bytes=storage_bytes,
+                                          latency_budget_ms=latency_budget_ms)
+                cands.append(Candidate(kind, ratio, len(res.pte), res.planned_bytes, peak, lat,
+                                       f"val_{metric}", score, not miss, miss, over))
+                programs[(kind, ratio)] = res
+        finally:
+            for *_, proc in pending:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+    shipped = choose(cands, tolerance=tol, target=profile.name)
+    return CompressResult(shipped=shipped, candidates=tuple(cands), model=pruned[shipped.prune],
+                          export=programs[(shipped.quantization, shipped.prune)], tolerance=tol)
+
+
+@dataclass(frozen=True)
+class BuildChoice:
+    """What build ships: the variant, the reference model pruned (and fine-tuned) to it,
+    and the measured candidates (``shipped`` is None until a single variant is measured)."""
+
+    quantization: Quantization
+    prune: float
+    model: nn.Module
+    candidates: tuple[Candidate, ...] = ()
+    shipped: Candidate | None = None
+    search: CompressResult | None = None
+
+    def table(self) -> str:
+        return format_table(self.candidates, self.shipped)
+
+    def measure_single(
+        self, pte_path: Path, *, planned_bytes: int, peak_bytes: int, adapter: str,
+        profile: TargetProfile, storage_bytes: int, latency_budget_ms: float | None,
+        metric: str, value: float | None,
+    ) -> BuildChoice:
+        """The one allowed variant, measured on the program build exported: its latency
+        here, its fit; ``value`` is its cross-validation metric (held-out folds of the
+        training rows) or None. Raises BudgetError when it does not fit."""
+        from ..device.adapter import load_program
+
+        prog = load_program(pte_path, threads=1)
+        rows = prog.inputs[0].shape[1:]
+        lat = latency_ms(prog, np.zeros((1, *rows), dtype=np.float32))
+        pte = pte_path.stat().st_size
+        over, miss = _limits_miss(pte, peak_bytes, lat, profile=profile, adapter=adapter,
+                                  storage_bytes=storage_bytes, latency_budget_ms=latency_budget_ms)
+        c = Candidate(self.quantization, self.prune, pte, planned_bytes, peak_bytes, lat, metric,
+                      float("nan") if value is None else float(value), not miss, miss, over)
+        choose([c], tolerance=0.0, target=profile.name)
+        return BuildChoice(self.quantization, self.prune, self.model, (c,), c, None)
+
+
+def search_for_build(
+    factory: Callable[[], nn.Module],
+    reference: nn.Module,
+    config: CompressConfig,
+    *,
+    task: Task,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    spec: TrainSpec,
+    profile: TargetProfile,
+    storage_bytes: int,
+    latency_budget_ms: float | None,
+    max_batch: int,
+    val_fraction: float = 0.2,
+    progress: ProgressFn | None = None,
+) -> BuildChoice:
+    """Build's search: train a search model on the training rows less a validation split,
+    search on it (``compress``), then apply the chosen variant to ``reference`` (trained on
+    all training rows), fine-tuning it on all of them when pruned.
+
+    With a single allowed variant there is nothing to choose: no search model is trained,
+    and build measures that variant on the program it exports (``measure_single``).
+    The reference model and its test metrics are untouched; the test split is never used.
+    """
+    from .train import train_model
+
+    prunable = config.prune != "auto" or bool(find_prunable(reference))
+    variants = candidate_variants(config, prunable=prunable)
+    res: CompressResult | None = None
+    if len(variants) == 1:
+        kind, ratio = variants[0]
+    else:
+        fit_idx, val_idx = validation_split(len(X_train), task=task, y=y_train,
+                                            fraction=val_fraction, seed=spec.seed)
+        torch.manual_seed(spec.seed)
+        search_model = train_model(factory(), X_train[fit_idx], y_train[fit_idx], spec)
+        res = compress(search_model, config, task=task, train=(X_train[fit_idx], y_train[fit_idx]),
+                       val=(X_train[val_idx], y_train[val_idx]), target=profile, max_batch=max_batch,
+                       storage_budget=storage_bytes, latency_budget_ms=latency_budget_ms, spec=spec,
+                       progress=progress)
+        kind, ratio = res.shipped.quantization, res.shipped.prune
+    model = reference
+    if ratio > 0:
+        model = finetune(prune_structured(reference, ratio), X_train, y_train, spec,
+                         epochs=max(5, spec.epochs // 5))
+    if res is None:
+        return BuildChoice(kind, ratio, model)
+    return BuildChoice(kind, ratio, model, res.candidates, res.shipped, res)
