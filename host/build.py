@@ -212,6 +212,21 @@ def build(
     ref_metrics = evaluate(lambda x: predict_numpy(net, x), src.X_test, src.y_test, task, prefix="test_")
     ref_metrics.update(_mean_metrics(cv_ref))
 
+    # compression search over the variants the project allows, scored on a validation
+    # split of the training rows; the winner is applied to the reference model
+    from .compress import search_for_build
+
+    cv_quant = quant
+    rep.phase("searching compression variants")
+    choice = search_for_build(src.factory, model, proj.compress, task=task, X_train=src.X_train,
+                              y_train=src.y_train, spec=spec, profile=profile,
+                              storage_bytes=storage_bytes, latency_budget_ms=latency_budget_ms,
+                              max_batch=max_batch)
+    rep.done()
+    if choice.search is not None:
+        rep.info("compression candidates (* shipped):\n" + choice.table())
+    quant, prune_ratio, model = choice.quantization, choice.prune, choice.model
+    net = _export_net(src, model)
     rep.phase(f"quantizing ({quant}) and exporting")
     example = torch.as_tensor(src.X_train[:2])
     res = export_program(net, example, max_batch=max_batch, quantize=quant,
@@ -227,10 +242,18 @@ def build(
         verify_diff = _verify(src, res, pte_path, max_batch)
         shipped_metrics = evaluate(lambda x: run_program_rows(pte_path, x, max_batch),
                                    src.X_test, src.y_test, task, prefix="test_")
-        shipped_metrics.update(_mean_metrics(cv_q))
+        if quant == cv_quant and prune_ratio == 0.0:  # CV ran the shipped variant
+            shipped_metrics.update(_mean_metrics(cv_q))
         rep.phase("measuring memory per batch size")
         meas = measure_peaks(pte_path, max_batch)
         rep.done()
+        if choice.shipped is None:  # one allowed variant: measured on this program, scored by CV
+            metric = "cv_r2" if task == "regression" else "cv_accuracy"
+            choice = choice.measure_single(
+                pte_path, planned_bytes=res.planned_bytes, peak_bytes=int(meas["measured_peak_bytes"]["1"]),
+                adapter=meas["adapter"], profile=profile, storage_bytes=storage_bytes,
+                latency_budget_ms=latency_budget_ms, metric=metric, value=shipped_metrics.get(metric))
+            rep.info("compression candidates (* shipped):\n" + choice.table())
 
         # fit: storage, and the inference budget less the profile's expected baseline
         pte_bytes = len(res.pte)
@@ -269,7 +292,8 @@ def build(
                          "shape": [-1, n_out], "dtype": "float32"}],
             "max_batch": max_batch,
             "shipped": quant,
-            "compression": {"quantization": quant, "prune": 0.0},
+            "compression": {"quantization": quant, "prune": prune_ratio},
+            "candidates": [dict(c.as_dict(), shipped=c is choice.shipped) for c in choice.candidates],
             "batch_dependent": quant == "int8-dynamic",
             "memory": {
                 "pte_bytes": pte_bytes,
@@ -291,6 +315,12 @@ def build(
         }
         if task == "classification":
             manifest["classes"] = src.classes
+        from .plots import write_plots
+
+        write_plots(tmp, task=task, y_true=src.y_test,
+                    y_pred=run_program_rows(pte_path, src.X_test, max_batch),
+                    candidates=choice.candidates, shipped=choice.shipped,
+                    classes=src.classes)
         _write_manifest(tmp, manifest)
         if sign_key is not None:
             sign_manifest(tmp, sign_key)
