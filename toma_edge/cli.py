@@ -173,5 +173,27 @@ def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
     click.echo(text)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias (see `toma-edge targets`).")
+@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None, help="Project file giving the data, the model factory (for a state_dict) and compress: settings; default: the built-in example.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Bundle folder [default: dist/<canonical target>/].")
+@click.option("--storage-budget", default=None, help="Model storage budget, e.g. 8MiB [default: the target's].")
+@click.option("--latency-budget", type=float, default=None, help="Batch-1 latency budget in milliseconds, measured on this host.")
+@handle_errors
+def compress(model: str, target: str, project: str | None, out: str | None,
+             storage_budget: str | None, latency_budget: float | None) -> None:
+    """Search compression variants of a saved model (torch.save of the module or a
+    state_dict) and write the bundle of the smallest that fits the target."""
+    from .host.compress import compress_saved
+
+    res = compress_saved(model, target=target, project=project, out=out,
+                         storage_budget=storage_budget, latency_budget_ms=latency_budget,
+                         progress=lambda line: click.echo(line, err=True))
+    for line in res.summary:
+        click.echo(line)
+    click.echo(f"bundle: {res.out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
