@@ -62,6 +62,8 @@ __all__ = [
     "default_tolerance",
     "BuildChoice",
     "search_for_build",
+    "load_saved_model",
+    "compress_saved",
 ]
 
 #: the ratios ``prune: auto`` tries
@@ -444,3 +446,155 @@ def search_for_build(
     if res is None:
         return BuildChoice(kind, ratio, model)
     return BuildChoice(kind, ratio, model, res.candidates, res.shipped, res)
+
+
+def load_saved_model(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
+    """A model saved with ``torch.save``: the module itself, or a state_dict for ``factory()``."""
+    from ..errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such model file; save one with torch.save(model, '{p.name}')")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle and zip errors of many kinds
+        raise InputError(f"{p}: cannot load it with torch.load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); save the module or its "
+                         "state_dict with torch.save") from e
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict):
+        model = factory()
+        try:
+            model.load_state_dict(obj)
+        except (RuntimeError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()
+            raise ConfigError(
+                f"{p}: the state_dict does not fit the project's model "
+                f"({first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}); "
+                "pass --project with the factory that built it, or save the whole module"
+            ) from e
+        return model.eval()
+    raise InputError(f"{p}: holds a {type(obj).__name__}, not a torch.nn.Module or a state_dict")
+
+
+def compress_saved(
+    model_path: str | Path,
+    *,
+    target: str = "rpi",
+    project: str | Path | None = None,
+    out: str | Path | None = None,
+    storage_budget: str | int | None = None,
+    latency_budget_ms: float | None = None,
+    progress: ProgressFn | None = None,
+) -> Any:
+    """``toma-edge compress``: the search and export alone over a saved, trained model;
+    writes a bundle like build's (``dist/<target>/`` by default) and returns a BuildResult.
+
+    The project (or the built-in example) gives the data: the search fine-tunes on the
+    training rows less a validation split and scores on that split; the test split is
+    only reported. ``metrics.reference`` is the saved model on the test split.
+    """
+    import datetime as _dt
+    import shutil
+
+    from ..manifest import SCHEMA_VERSION
+    from .build import (
+        BuildResult,
+        _replace_dir,
+        _verify,
+        _versions,
+        _write_manifest,
+        measure_peaks,
+        run_program_rows,
+        summary_lines,
+    )
+    from .plots import write_plots
+    from .source import load_source
+    from .train import predict_numpy
+
+    t0 = time.perf_counter()
+    profile = load_profile(target)
+    out_dir = Path(out) if out is not None else Path("dist") / profile.name
+    storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
+    src = load_source(project)
+    proj = src.project
+    task: Task = proj.task
+    max_batch = proj.export.max_batch
+    model = load_saved_model(model_path, src.factory)
+    ref_net = export_net(model, task)
+    ref_metrics = evaluate(lambda x: predict_numpy(ref_net, x), src.X_test, src.y_test, task, prefix="test_")
+    spec = TrainSpec(task=task, epochs=proj.train.epochs, lr=proj.train.lr,
+                     batch_size=proj.train.batch_size, seed=proj.train.seed,
+                     weight_decay=proj.train.weight_decay)
+    fit_idx, val_idx = validation_split(len(src.X_train), task=task, y=src.y_train, seed=spec.seed)
+    res = compress(model, proj.compress, task=task,
+                   train=(src.X_train[fit_idx], src.y_train[fit_idx]),
+                   val=(src.X_train[val_idx], src.y_train[val_idx]), target=profile,
+                   max_batch=max_batch, storage_budget=storage_bytes,
+                   latency_budget_ms=latency_budget_ms, spec=spec, progress=progress)
+    if progress is not None:
+        progress("compression candidates (* shipped):\n" + res.table())
+    kind = res.shipped.quantization
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        pte_path = tmp / "model.pte"
+        pte_path.write_bytes(res.export.pte)
+        verify_diff = _verify(src, res.export, pte_path, max_batch)
+        pred = run_program_rows(pte_path, src.X_test, max_batch)
+        shipped_metrics = evaluate(lambda x: pred, src.X_test, src.y_test, task, prefix="test_")
+        meas = measure_peaks(pte_path, max_batch)
+        weights = sum(p.numel() for p in res.model.parameters()) * (1 if kind != "fp32" else 4)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "name": proj.name,
+            "version": proj.version or now.strftime("%Y.%m.%d-%H%M%S"),
+            "task": task,
+            "target": {
+                "name": profile.name, "arch": profile.arch,
+                "memory_budget_bytes": profile.memory_budget_bytes,
+                "storage_budget_bytes": storage_bytes,
+                "baseline_rss_bytes": dict(profile.baseline_rss_bytes),
+                "threads": profile.threads,
+            },
+            "inputs": [{"name": "x", "shape": [-1, *src.X_train.shape[1:]], "dtype": "float32"}],
+            "outputs": [{"name": "y" if task == "regression" else "probabilities",
+                         "shape": [-1, int(pred.shape[1])], "dtype": "float32"}],
+            "max_batch": max_batch,
+            "shipped": kind,
+            "compression": {"quantization": kind, "prune": res.shipped.prune},
+            "candidates": [dict(c.as_dict(), shipped=c is res.shipped) for c in res.candidates],
+            "batch_dependent": kind == "int8-dynamic",
+            "memory": {
+                "pte_bytes": len(res.export.pte),
+                "planned_bytes": res.export.planned_bytes,
+                "weights_bytes": int(weights),
+                "measured_peak_bytes": {k: int(v) for k, v in meas["measured_peak_bytes"].items()},
+            },
+            "metrics": {"reference": ref_metrics, "shipped": shipped_metrics},
+            "files": {},
+            "versions": _versions(),
+            "created": now.isoformat(timespec="seconds"),
+            "build": {
+                "command": "compress",
+                "source_model": str(model_path),
+                "verify_max_abs_diff": verify_diff,
+                "measured_with": meas["adapter"],
+                "data": {"train_rows": int(len(fit_idx)), "validation_rows": int(len(val_idx)),
+                         "test_rows": int(len(src.X_test)), "builtin_example": src.builtin},
+            },
+        }
+        if task == "classification":
+            manifest["classes"] = src.classes
+        write_plots(tmp, task=task, y_true=src.y_test, y_pred=pred, candidates=res.candidates,
+                    shipped=res.shipped, classes=src.classes)
+        _write_manifest(tmp, manifest)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    secs = time.perf_counter() - t0
+    return BuildResult(out=out_dir, manifest=manifest, seconds=secs,
+                       summary=summary_lines(manifest, profile, secs))
