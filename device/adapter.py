@@ -78,7 +78,10 @@ class PybindProgram:
                 _threads_set = int(threads)
             try:
                 if isinstance(source, (bytes, bytearray)):
-                    self._module = _C._load_for_executorch_from_buffer(bytes(source))
+                    # the module reads the program from this buffer for as long as it
+                    # lives and does not keep it alive itself: hold it here
+                    self._buffer = bytes(source)
+                    self._module = _C._load_for_executorch_from_buffer(self._buffer)
                 else:
                     self._module = _C._load_for_executorch(str(source))
             except RuntimeError as e:
@@ -100,6 +103,20 @@ class PybindProgram:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
             # copy out: the output may alias the program's planned memory
             return [o.numpy().copy() for o in outs]
+
+
+    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Run a one-input, one-output method on ``x`` and copy its result into ``out``.
+
+        The lean path of the Predictor's loop: no lists, no intermediate copy. ``x``
+        must be C-contiguous; ``out`` must have the output's shape for ``len(x)`` rows.
+        """
+        with self._lock:
+            try:
+                (o,) = self._module.forward((self._torch.from_numpy(x),))
+            except RuntimeError as e:
+                raise InputError(f"ExecuTorch method failed: {e}") from e
+            out[...] = o.numpy()  # copy before the next call reuses the planned memory
 
 
 def available_adapters() -> list[str]:
