@@ -1,0 +1,136 @@
+"""The on-device inference service (``toma-edge serve``): HTTP and MQTT, micro-batching
+within the memory budget, safe model updates, telemetry.
+
+    from toma_edge.device.service import ServiceConfig, serve
+    serve(ServiceConfig(bundle="/var/lib/toma-edge/current", http="0.0.0.0:8080",
+                        mqtt="mqtts://pi-0042@broker.lan", device_id="pi-0042",
+                        fleet="plant-7", admin_token_file="/etc/toma-edge/admin-token"))
+    # blocks; SIGTERM: drain and exit 0; SIGHUP: reload the bundle path
+
+:func:`serve` loads and warms up the bundle (errors raise before anything listens), then
+runs uvicorn (uvloop, httptools) with the app of :mod:`.http_app` and, with an MQTT URL,
+the request handler of :mod:`.mqtt` and the telemetry agent. SIGTERM (and SIGINT) stop
+the listener, answer every request already accepted, flush telemetry and return 0.
+SIGHUP verifies, warms up and swaps in the bundle at the path given at start again
+(a ``current`` symlink switched to a new release folder); a bad bundle is refused and
+the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from types import FrameType
+from typing import Any
+
+from .app import Service, ServiceConfig
+
+__all__ = ["Service", "ServiceConfig", "serve"]
+
+log = logging.getLogger("toma_edge.service")
+
+
+def _reload_in_background(svc: Service) -> None:
+    def run() -> None:
+        try:
+            new = svc.reload()
+            log.info("SIGHUP: serving %s %s (%s)", new.name, new.version, new.sha256[:12])
+        except Exception as e:  # noqa: BLE001 - refused: the old model keeps serving
+            log.error("SIGHUP: kept %s %s: %s", svc.model.name, svc.model.version, e)
+
+    threading.Thread(target=run, name="toma-edge-reload", daemon=True).start()
+
+
+def serve(config: ServiceConfig) -> int:
+    """Run the service until SIGTERM/SIGINT; returns 0 once everything accepted was
+    answered (1 if the drain timed out). Raises TomaEdgeError if it cannot start."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    svc = Service(config)
+    m = svc.model
+    log.info("serving %s %s (manifest sha256 %s, batch %d rows, budget %d bytes, "
+             "queue %d rows)", m.name, m.version, m.sha256[:12], m.predictor.batch_size,
+             m.predictor.budget.bytes, svc.batcher.max_queue_rows)
+    result = {"ok": True}
+
+    def stop() -> None:
+        result["ok"] = svc.stop()
+
+    def hup(signum: int, frame: FrameType | None) -> None:
+        _reload_in_background(svc)
+
+    signal.signal(signal.SIGHUP, hup)
+    # uvicorn re-raises the stopping signal once it is done: this keeps the exit code 0
+    stopped = threading.Event()
+
+    def quiet(signum: int, frame: FrameType | None) -> None:
+        svc.begin_drain()
+        stopped.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, quiet)
+
+    if svc.http_address is None:
+        svc.start()
+        stopped.wait()
+        stop()
+        return 0 if result["ok"] else 1
+
+    import uvicorn
+
+    from .http_app import make_app
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            svc.begin_drain()  # /readyz says 503 at once
+            super().handle_exit(sig, frame)
+
+    host, port = svc.http_address
+    sock = _listen(host, port)
+    ucfg = uvicorn.Config(
+        make_app(svc, on_startup=svc.start, on_shutdown=stop), host=host, port=port,
+        loop=_loop(), http=_http(), lifespan="on", access_log=False, log_level="warning",
+        timeout_graceful_shutdown=int(config.drain_timeout_s), limit_concurrency=4096,
+        backlog=2048, timeout_keep_alive=30,
+    )
+    server = _Server(ucfg)
+    log.info("listening on http://%s:%d", host, port)
+    server.run(sockets=[sock])
+    return 0 if result["ok"] else 1
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, so that a taken port is one clear error before anything runs."""
+    from ...errors import ConfigError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another "
+                          "--http HOST:PORT") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def _loop() -> Any:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _http() -> Any:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+

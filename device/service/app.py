@@ -1,0 +1,271 @@
+"""The inference service's parts wired together: model, micro-batcher, metrics, telemetry, MQTT.
+
+    from toma_edge.device.service import Service, ServiceConfig
+    svc = Service(ServiceConfig(bundle="dist/rpi4", mqtt="mqtt://pi-0042@broker.lan",
+                                device_id="pi-0042", fleet="plant-7"))
+    svc.start()                               # batcher thread, telemetry agent, MQTT requests
+    svc.submit(rows, done)                    # what the HTTP and MQTT front ends call
+    svc.stop()                                # drain, flush telemetry, disconnect
+
+Transports (:mod:`.http_app`, :mod:`.mqtt`) only decode requests, call :meth:`Service.submit`
+and encode answers; everything they share (limits, counters, telemetry hooks, model
+updates) lives here. Telemetry runs only with an MQTT URL (``--mqtt``): without a broker
+there is nobody to send it to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...budget import parse_size
+from ...errors import ConfigError, TomaEdgeError
+from ...probes import peak_probe, rss_bytes
+from ...telemetry import mqtt_settings, validate_id
+from .batcher import Done, MicroBatcher
+from .metrics import ServiceMetrics
+from .models import ModelHolder, ServedModel
+
+__all__ = ["ServiceConfig", "Service", "default_spool", "read_token"]
+
+log = logging.getLogger("toma_edge.service")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``toma-edge serve`` takes (DESIGN.md "Command line"), plus tuning knobs.
+
+    ``http``: ``HOST:PORT`` to listen on, or None for MQTT only. ``budget``: the whole
+    process's peak RSS (bytes or ``"512MiB"``; default the bundle target's).
+    ``telemetry_interval_s``: seconds per telemetry window. ``window_s``: the longest a
+    request waits to share a model call (seconds). ``max_queue_rows``: the queue's bound
+    (None: from the working budget, at most 8 x max_batch). ``max_body_bytes``: largest
+    request body (bytes). ``max_batch_rows``: rows per model call at most (None: what
+    fits the budget; 1 turns micro-batching off). ``max_upload_bytes``: largest bundle
+    archive POST /v1/model takes. ``drain_timeout_s``: how long SIGTERM waits for
+    requests in flight.
+    """
+
+    bundle: str
+    http: str | None = "127.0.0.1:8080"
+    mqtt: str | None = None
+    device_id: str | None = None
+    fleet: str = "default"
+    budget: str | int | None = None
+    threads: int | None = None
+    telemetry_interval_s: float = 10.0
+    spool: str | None = None
+    admin_token_file: str | None = None
+    trust_key: str | None = None
+    window_s: float = 0.002
+    max_queue_rows: int | None = None
+    max_body_bytes: int = 4 << 20
+    max_batch_rows: int | None = None
+    max_upload_bytes: int = 256 << 20
+    drain_timeout_s: float = 30.0
+    telemetry: bool = True
+
+
+def read_token(path: str | Path) -> str:
+    """The admin bearer token: the first line of ``path``; ConfigError if missing or short."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"admin token file {str(p)!r} cannot be read: {e.strerror}") from e
+    token = lines[0].strip() if lines else ""
+    if len(token) < 16:
+        raise ConfigError(
+            f"admin token file {str(p)!r} must hold a token of at least 16 characters on its "
+            "first line; make one with: openssl rand -hex 32 > FILE"
+        )
+    if p.stat().st_mode & 0o077:
+        log.warning("admin token file %s is readable by other users; chmod 600 it", p)
+    return token
+
+
+def default_spool(fleet: str, device_id: str) -> Path:
+    """Where the telemetry spool lives without ``--spool``: the XDG state folder."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "toma-edge" / f"{fleet}-{device_id}.spool.db"
+
+
+def parse_http(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) into a host and a port; ConfigError otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--http {value!r} must be HOST:PORT, like 127.0.0.1:8080 or 0.0.0.0:8080")
+    return host, int(port)
+
+
+class Service:
+    """The device's inference service; see the module docstring. Loading the bundle
+    happens here (BundleError, BudgetError, ConfigError: nothing started)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        if config.http is not None:
+            self.http_address: tuple[str, int] | None = parse_http(config.http)
+        else:
+            self.http_address = None
+        self.fleet = validate_id(config.fleet, what="fleet")
+        self.device_id = validate_id(config.device_id or socket.gethostname().split(".")[0],
+                                     what="device id (pass --device-id)")
+        self.admin_token = read_token(config.admin_token_file) if config.admin_token_file else None
+        self.mqtt_settings = mqtt_settings(config.mqtt) if config.mqtt else None
+        if config.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be >= 1024, got {config.max_body_bytes}")
+        self.metrics = ServiceMetrics()
+        self.agent: Any = None
+        self.mqtt: Any = None
+        self.started_at = time.time()
+        self.draining = False
+        self._batch_size = 0
+        self.holder = ModelHolder(
+            budget=parse_size(config.budget) if isinstance(config.budget, str) else config.budget,
+            threads=config.threads, trust_key=config.trust_key, on_swap=self._on_swap)
+        self.holder.replace(config.bundle)
+        p = self.holder.current.predictor
+        if config.max_queue_rows is not None:
+            rows = int(config.max_queue_rows)
+        else:  # queued inputs may take a quarter of what the batches leave free
+            rows = min(8 * p.manifest.max_batch, max(p.manifest.max_batch,
+                                                      p.free_bytes // 4 // max(1, p.row_bytes)))
+        self.max_request_rows = rows
+        self.batcher = MicroBatcher(
+            self.holder, window_s=config.window_s, max_queue_rows=rows,
+            max_batch_rows=config.max_batch_rows, on_batch=self._on_batch)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batcher, then telemetry and MQTT requests (with ``--mqtt``)."""
+        self.batcher.start()
+        m = self.holder.current
+        if self.mqtt_settings is not None and self.config.telemetry:
+            from ..agent import TelemetryAgent
+
+            spool = Path(self.config.spool) if self.config.spool else default_spool(
+                self.fleet, self.device_id)
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            self.agent = TelemetryAgent(
+                self.mqtt_settings, fleet=self.fleet, device_id=self.device_id, spool=spool,
+                interval_s=self.config.telemetry_interval_s,
+                budget_bytes=m.predictor.budget.bytes, target=m.predictor.manifest.target.name)
+            self.agent.set_model(m.name, m.version, m.sha256)
+            self.agent.set_batch_size(m.predictor.batch_size)
+        if self.mqtt_settings is not None:
+            from .mqtt import MqttFrontEnd
+
+            self.mqtt = MqttFrontEnd(self, self.mqtt_settings)
+            self.mqtt.start()
+
+    def begin_drain(self) -> None:
+        """Say not ready (/readyz 503): a stop is coming."""
+        self.draining = True
+
+    def stop(self) -> bool:
+        """Stop taking requests, answer those queued, flush telemetry, disconnect. True if
+        every accepted request was answered within ``drain_timeout_s``."""
+        self.draining = True
+        t = self.config.drain_timeout_s
+        if self.mqtt is not None:
+            self.mqtt.stop_taking()
+        ok = self.batcher.close(timeout_s=t)
+        if self.mqtt is not None:
+            ok = self.mqtt.close(timeout_s=min(10.0, t)) and ok
+        if self.agent is not None:
+            self.agent.emit_telemetry()
+            self.agent.close(timeout_s=min(10.0, t))
+        log.info("stopped (%s)", "every request answered" if ok else "some requests unanswered")
+        return ok
+
+    # -- requests -------------------------------------------------------------------------
+    @property
+    def model(self) -> ServedModel:
+        """The model serving now."""
+        return self.holder.current
+
+    def submit(self, rows: np.ndarray, done: Done) -> None:
+        """Queue validated rows; Overloaded / ShuttingDown when the queue takes none."""
+        self.batcher.submit(rows, done)
+
+    def record(self, transport: str, code: int, latency_s: float, rows: int) -> None:
+        """Count one answered request in the metrics and the telemetry window."""
+        self.metrics.request(transport, code, latency_s=latency_s, rows=rows)
+        if self.agent is not None:
+            self.agent.record_request(latency_s, rows, error=code >= 400)
+
+    # -- model updates --------------------------------------------------------------------
+    def update(self, source: str | Path) -> ServedModel:
+        """Verify, warm up and swap in the bundle at ``source``; the old model keeps serving
+        on any error (raised)."""
+        try:
+            return self.holder.replace(source)
+        except TomaEdgeError as e:
+            self.metrics.swap(False)
+            log.error("model update refused: %s", e)
+            if self.agent is not None:
+                self.agent.event("model_refused", source=str(source), error=str(e)[:500])
+            raise
+
+    def reload(self) -> ServedModel:
+        """Read the bundle path given at start again (SIGHUP; suits a ``current`` symlink)."""
+        return self.update(self.config.bundle)
+
+    def _on_swap(self, new: ServedModel, old: ServedModel | None) -> None:
+        if old is None:
+            return
+        self.metrics.swap(True)
+        if self.agent is not None:
+            self.agent.set_model(new.name, new.version, new.sha256)
+
+    def _on_batch(self, rows: int, requests: int, seconds: float) -> None:
+        self.metrics.batch(rows=rows, requests=requests, seconds=seconds)
+        if self.agent is not None:
+            bs = self.holder.current.predictor.batch_size
+            if bs != self._batch_size:
+                self._batch_size = bs
+                self.agent.set_batch_size(bs)
+
+    # -- views ----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """What /healthz answers."""
+        return {
+            "status": "draining" if self.draining else "ok",
+            "model": self.model.describe(),
+            "device_id": self.device_id, "fleet": self.fleet,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "queue_rows": self.batcher.queued_rows,
+            "telemetry": None if self.agent is None else {
+                "connected": self.agent.connected, "spooled": self.agent.spool.pending()},
+            "mqtt": None if self.mqtt is None else {"connected": self.mqtt.connected},
+        }
+
+    def prometheus(self) -> str:
+        """The /metrics text."""
+        m = self.model
+        p = m.predictor
+        gauges: dict[str, float] = {
+            "toma_edge_queue_rows": self.batcher.queued_rows,
+            "toma_edge_queue_requests": self.batcher.queued_requests,
+            "toma_edge_queue_capacity_rows": self.batcher.max_queue_rows,
+            "toma_edge_queue_full_refusals": self.batcher.overloaded,
+            "toma_edge_batch_size_rows": p.batch_size,
+            "toma_edge_rss_bytes": rss_bytes(),
+            "toma_edge_peak_rss_bytes": peak_probe().running_peak_bytes(),
+            "toma_edge_budget_bytes": p.budget.bytes,
+            "toma_edge_working_budget_bytes": p.working_budget_bytes,
+            "toma_edge_uptime_seconds": round(time.time() - self.started_at, 3),
+        }
+        if self.agent is not None:
+            gauges["toma_edge_telemetry_spooled"] = self.agent.spool.pending()
+        return self.metrics.render(gauges=gauges, info={
+            "name": m.name, "version": m.version, "sha256": m.sha256})
