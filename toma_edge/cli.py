@@ -174,6 +174,35 @@ def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--http", "http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve HTTP on; 'off' for MQTT only.")
+@click.option("--mqtt", default=None, help="Broker URL (mqtt://USER@host[:port], mqtts:// for TLS): inference requests and telemetry; password from TOMA_EDGE_MQTT_PASSWORD.")
+@click.option("--device-id", default=None, help="This device's id in topics [default: the hostname].")
+@click.option("--fleet", default="default", show_default=True, help="Fleet name in topics.")
+@click.option("--budget", default=None, help="Peak RSS of the whole process, e.g. 512MiB [default: the bundle target's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
+@click.option("--telemetry-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds per telemetry message.")
+@click.option("--spool", type=click.Path(dir_okay=False), default=None, help="Telemetry spool file [default: ~/.local/state/toma-edge/<fleet>-<device>.spool.db].")
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False), default=None, help="File with the bearer token that POST /v1/model needs (off without it).")
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): serve only bundles it signed.")
+@handle_errors
+def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet: str,
+          budget: str | None, threads: int | None, telemetry_interval: float, spool: str | None,
+          admin_token_file: str | None, trust_key: str | None) -> None:
+    """Serve a bundle over HTTP (and MQTT) until SIGTERM; SIGHUP reloads BUNDLE."""
+    from .device.service import ServiceConfig
+    from .device.service import serve as run_service
+
+    cfg = ServiceConfig(
+        bundle=bundle, http=None if http.lower() in ("off", "none", "") else http, mqtt=mqtt,
+        device_id=device_id, fleet=fleet, budget=budget, threads=threads,
+        telemetry_interval_s=telemetry_interval, spool=spool,
+        admin_token_file=admin_token_file, trust_key=trust_key,
+    )
+    sys.exit(run_service(cfg))
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias (see `toma-edge targets`).")
 @click.option("--project", "-p", type=click.Path(dir_okay=False), default=None, help="Project file giving the data, the model factory (for a state_dict) and compress: settings; default: the built-in example.")
