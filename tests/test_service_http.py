@@ -219,9 +219,9 @@ def test_bad_requests_get_a_clear_4xx_and_serving_goes_on(svc: ServiceProc) -> N
                           {"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
     assert s == 200 and h["content-type"] == "application/x-npy"
     out = np.load(io.BytesIO(b))
-    s2, body = svc.predict([row])
+    s2, answer = svc.predict([row])
     assert s2 == 200 and out.shape == (3, 1)
-    np.testing.assert_allclose(out[0], body["outputs"][0], atol=1e-6)
+    np.testing.assert_allclose(out[0], answer["outputs"][0], atol=1e-6)
     assert _metric(svc, 'toma_edge_requests_total{transport="http",code="422"}') >= 3
 
 
