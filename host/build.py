@@ -228,7 +228,8 @@ def build(
     quant, prune_ratio, model = choice.quantization, choice.prune, choice.model
     net = _export_net(src, model)
     rep.phase(f"quantizing ({quant}) and exporting")
-    example = torch.as_tensor(src.X_train[:2])
+    # >= 16 example rows: a 2-row example lets export guard conv models to batch <= 15
+    example = torch.as_tensor(src.X_train[: max(2, min(32, max_batch))])
     res = export_program(net, example, max_batch=max_batch, quantize=quant,
                          calibration=_calibration(src.X_train, cal_batches))
     rep.done()

@@ -315,7 +315,8 @@ def compress(
     prunable = config.prune != "auto" or bool(find_prunable(model))
     variants = candidate_variants(config, prunable=prunable)
     cal = calibration_batches(X_tr, config.calibration_batches)
-    example = torch.as_tensor(X_tr[:2])
+    # >= 16 example rows: with 2, export guards conv models' batch to <= 15 (numel < 1024)
+    example = torch.as_tensor(X_tr[: max(2, min(32, max_batch))])
     pruned: dict[float, nn.Module] = {}
     cands: list[Candidate] = []
     programs: dict[tuple[str, float], ExportResult] = {}

@@ -24,7 +24,8 @@ class DigitsCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x / 16.0).reshape(-1, 1, 8, 8))
+        # unflatten, not reshape(-1, ...): export then keeps the batch bound at max_batch
+        return self.net((x / 16.0).unflatten(1, (1, 8, 8)))
 
 
 def build() -> nn.Module:
