@@ -18,6 +18,7 @@ the old model keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -72,10 +73,15 @@ def serve(config: ServiceConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, quiet)
 
-    if svc.http_address is None:
-        svc.start()
+    if svc.http_address is None:  # MQTT only: batches on a loop of our own
+        loop = asyncio.new_event_loop()
+        t = threading.Thread(target=loop.run_forever, name="toma-edge-loop", daemon=True)
+        t.start()
+        svc.start(loop)
         stopped.wait()
         stop()
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
         return 0 if result["ok"] else 1
 
     import uvicorn

@@ -3,7 +3,7 @@
     from toma_edge.device.service import Service, ServiceConfig
     svc = Service(ServiceConfig(bundle="dist/rpi4", mqtt="mqtt://pi-0042@broker.lan",
                                 device_id="pi-0042", fleet="plant-7"))
-    svc.start()                               # batcher thread, telemetry agent, MQTT requests
+    svc.start(loop)                           # batches on that asyncio loop; telemetry, MQTT
     svc.submit(rows, done)                    # what the HTTP and MQTT front ends call
     svc.stop()                                # drain, flush telemetry, disconnect
 
@@ -15,6 +15,7 @@ there is nobody to send it to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -64,7 +65,7 @@ class ServiceConfig:
     spool: str | None = None
     admin_token_file: str | None = None
     trust_key: str | None = None
-    window_s: float = 0.002
+    window_s: float = 0.0
     max_queue_rows: int | None = None
     max_body_bytes: int = 4 << 20
     max_batch_rows: int | None = None
@@ -145,9 +146,9 @@ class Service:
             max_batch_rows=config.max_batch_rows, on_batch=self._on_batch)
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the batcher, then telemetry and MQTT requests (with ``--mqtt``)."""
-        self.batcher.start()
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run batches on ``loop``, then start telemetry and MQTT requests (with ``--mqtt``)."""
+        self.batcher.start(loop)
         m = self.holder.current
         if self.mqtt_settings is not None and self.config.telemetry:
             from ..agent import TelemetryAgent
@@ -194,8 +195,13 @@ class Service:
         return self.holder.current
 
     def submit(self, rows: np.ndarray, done: Done) -> None:
-        """Queue validated rows; Overloaded / ShuttingDown when the queue takes none."""
+        """Queue validated rows (on the loop's thread); Overloaded / ShuttingDown when the
+        queue takes none."""
         self.batcher.submit(rows, done)
+
+    def submit_threadsafe(self, rows: np.ndarray, done: Done) -> None:
+        """Queue validated rows from another thread; refusals are passed to ``done``."""
+        self.batcher.submit_threadsafe(rows, done)
 
     def record(self, transport: str, code: int, latency_s: float, rows: int) -> None:
         """Count one answered request in the metrics and the telemetry window."""

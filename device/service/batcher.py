@@ -3,15 +3,17 @@
     from toma_edge.device.service.batcher import MicroBatcher
     from toma_edge.device.service.models import ModelHolder
     holder = ModelHolder.open("dist/rpi4", budget="512MiB")
-    b = MicroBatcher(holder, window_s=0.002, max_queue_rows=2048); b.start()
+    b = MicroBatcher(holder, max_queue_rows=2048); b.start(asyncio.get_running_loop())
     b.submit(np.zeros((3, 10), np.float32), lambda pred, err: print(pred.outputs.shape, err))
-    b.close()                                   # answers what is queued, then stops
+    b.submit_threadsafe(rows, done)             # from another thread (MQTT)
 
-One worker thread runs the model (an ExecuTorch method is not reentrant, and one thread
-keeps the memory of one batch at a time). It takes the first queued request, waits up
-to ``window_s`` seconds for more while concurrent traffic is seen (an isolated client
-pays no window), and runs as many whole requests as fit the Predictor's batch size
-(rows that fit the working memory budget). Every request gets exactly its own rows'
+Batches run on the server's asyncio loop, one at a time (an ExecuTorch method is not
+reentrant, and one batch at a time keeps the memory of one batch): the requests decoded in
+one loop iteration (plus those of ``window_s`` seconds more while concurrent traffic is
+seen) are run together, as many whole requests as fit the Predictor's batch size (rows
+that fit the working memory budget). No thread hop per request: on a small device the
+hand-over between threads costs more than a small model's call. While a batch runs, new
+requests wait in the sockets and form the next batch. Every request gets exactly its own rows'
 answers; rows of a batch never influence each other unless the manifest says
 ``batch_dependent``, and then requests are never mixed. The queue is bounded in rows and
 requests: :meth:`MicroBatcher.submit` raises :class:`Overloaded` at once when it is full,
@@ -20,8 +22,8 @@ so memory never grows with the backlog.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,19 +73,20 @@ def _slice(pred: Prediction, a: int, b: int) -> Prediction:
 
 
 class MicroBatcher:
-    """Bounded request queue in front of one model-running thread. See the module docstring.
+    """Bounded request queue whose batches run on one asyncio loop. See the module docstring.
 
     ``window_s``: the longest a request waits for others to share its model call
-    (seconds). ``max_queue_rows`` / ``max_queue_requests``: the bound of the queue.
-    ``max_batch_rows``: rows per model call at most (None: the Predictor's batch size,
-    which fits the working memory budget; 1 disables micro-batching).
+    (seconds; 0: only those that arrived in the same loop iteration). ``max_queue_rows``
+    / ``max_queue_requests``: the bound of the queue. ``max_batch_rows``: rows per model
+    call at most (None: the Predictor's batch size, which fits the working memory budget;
+    1 disables micro-batching).
     """
 
     def __init__(
         self,
         holder: ModelHolder,
         *,
-        window_s: float = 0.002,
+        window_s: float = 0.0,
         max_queue_rows: int = 2048,
         max_queue_requests: int | None = None,
         max_batch_rows: int | None = None,
@@ -101,12 +104,10 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._q: deque[_Job] = deque()
         self._rows = 0
-        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
         self._closing = False
-        self._busy = False
-        self._gathering = False
         self._last_requests = 1
-        self._thread: threading.Thread | None = None
         #: requests refused because the queue was full
         self.overloaded = 0
 
@@ -121,64 +122,64 @@ class MicroBatcher:
         """Requests waiting for the model now."""
         return len(self._q)
 
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run batches on ``loop`` (the server's loop: no thread hop per request)."""
+        self._loop = loop
+
     def submit(self, rows: np.ndarray, done: Done) -> None:
         """Queue validated float32 ``rows`` (``(n, *row_shape)``); ``done`` gets the answer.
+        Call it on the loop's thread.
 
         Raises :class:`Overloaded` when the queue is full and :class:`ShuttingDown` once
         :meth:`close` began; ``done`` is then never called.
         """
         n = int(rows.shape[0])
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown("the service is shutting down; send the request to another device")
-            if self._q and (self._rows + n > self.max_queue_rows
-                            or len(self._q) >= self.max_queue_requests):
-                self.overloaded += 1
-                raise Overloaded(
-                    f"overloaded: {len(self._q)} requests ({self._rows} rows) are queued, the most "
-                    f"this device holds is {self.max_queue_rows} rows; retry in 1 s"
-                )
-            self._q.append(_Job(rows, done, time.perf_counter()))
-            self._rows += n
-            if not self._busy or self._gathering:
-                self._cond.notify()
+        if self._closing or self._loop is None:
+            raise ShuttingDown("the service is shutting down; send the request to another device")
+        if self._q and (self._rows + n > self.max_queue_rows
+                        or len(self._q) >= self.max_queue_requests):
+            self.overloaded += 1
+            raise Overloaded(
+                f"overloaded: {len(self._q)} requests ({self._rows} rows) are queued, the most "
+                f"this device holds is {self.max_queue_rows} rows; retry in 1 s"
+            )
+        self._q.append(_Job(rows, done, time.perf_counter()))
+        self._rows += n
+        if not self._scheduled:
+            self._scheduled = True
+            if self.window_s > 0 and self._last_requests > 1:
+                self._loop.call_later(self.window_s, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the worker thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="toma-edge-batcher",
-                                            daemon=True)
-            self._thread.start()
+    def submit_threadsafe(self, rows: np.ndarray, done: Done) -> None:
+        """:meth:`submit` from another thread (MQTT); a refusal goes to ``done``."""
+        def go() -> None:
+            try:
+                self.submit(rows, done)
+            except (Overloaded, ShuttingDown) as e:
+                _finish(_Job(rows, done, 0.0), None, e)
+
+        if self._loop is None or self._loop.is_closed():
+            raise ShuttingDown("the service is shutting down; send the request to another device")
+        self._loop.call_soon_threadsafe(go)
 
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Take no new requests, answer the queued ones (up to ``timeout_s`` seconds), stop.
-        True if everything queued was answered."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
+        """Take no new requests, answer the queued ones (up to ``timeout_s`` seconds).
+        Call it from another thread than the loop's. True if everything was answered."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while (self._q or self._scheduled) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return not self._q
 
-    # -- worker ---------------------------------------------------------------------------
+    # -- batches --------------------------------------------------------------------------
     def _take(self, model: ServedModel) -> list[_Job]:
-        """Called with the lock held and the queue non-empty: the jobs of the next call."""
+        """The jobs of the next model call (the queue is not empty)."""
         cap = self.max_batch_rows or model.predictor.batch_size
-        mix = not model.batch_dependent and cap > 1
-        if mix and self.window_s > 0 and self._last_requests > 1 and not self._closing:
-            deadline = self._q[0].enqueued + self.window_s
-            self._gathering = True
-            while self._rows < cap:
-                left = deadline - time.perf_counter()
-                if left <= 0 or self._closing:
-                    break
-                self._cond.wait(left)
-            self._gathering = False
         jobs = [self._q.popleft()]
         rows = int(jobs[0].rows.shape[0])
-        if mix:
+        if not model.batch_dependent and cap > 1:
             while self._q and rows + int(self._q[0].rows.shape[0]) <= cap:
                 j = self._q.popleft()
                 rows += int(j.rows.shape[0])
@@ -186,17 +187,11 @@ class MicroBatcher:
         self._rows -= rows
         return jobs
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._busy = False
-                while not self._q and not self._closing:
-                    self._cond.wait()
-                if not self._q:
-                    return
-                self._busy = True
-                model = self.holder.current
-                jobs = self._take(model)
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._q:
+            model = self.holder.current
+            jobs = self._take(model)
             self._last_requests = len(jobs)
             self._call(model, jobs)
 

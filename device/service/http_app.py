@@ -77,9 +77,10 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _resolver(loop: asyncio.AbstractEventLoop,
-              fut: asyncio.Future[Prediction]) -> Callable[[Prediction | None, BaseException | None], None]:
-    def set_(pred: Prediction | None, err: BaseException | None) -> None:
+def _resolver(fut: asyncio.Future[Prediction]) -> Callable[[Prediction | None, BaseException | None], None]:
+    """The batcher's callback for one request: runs on the loop's thread."""
+
+    def done(pred: Prediction | None, err: BaseException | None) -> None:
         if fut.done():  # the client went away
             return
         if err is not None:
@@ -87,13 +88,10 @@ def _resolver(loop: asyncio.AbstractEventLoop,
         else:
             fut.set_result(pred)  # type: ignore[arg-type]
 
-    def done(pred: Prediction | None, err: BaseException | None) -> None:
-        loop.call_soon_threadsafe(set_, pred, err)
-
     return done
 
 
-def make_app(svc: Service, *, on_startup: Callable[[], None] | None = None,
+def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
              on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """The service's ASGI app. ``on_startup``/``on_shutdown`` run in the lifespan (the
     runner starts and stops the service there, after uvicorn drained its connections)."""
@@ -120,9 +118,8 @@ def make_app(svc: Service, *, on_startup: Callable[[], None] | None = None,
             if n == 0:
                 pred = p.predict(rows)
             else:
-                loop = asyncio.get_running_loop()
-                fut: asyncio.Future[Prediction] = loop.create_future()
-                svc.submit(rows, _resolver(loop, fut))
+                fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+                svc.submit(rows, _resolver(fut))
                 pred = await fut
             if NPY_TYPE in request.headers.get("accept", ""):
                 buf = io.BytesIO()
@@ -194,7 +191,7 @@ def make_app(svc: Service, *, on_startup: Callable[[], None] | None = None,
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if on_startup is not None:
-            on_startup()
+            on_startup(asyncio.get_running_loop())
         yield
         if on_shutdown is not None:
             await asyncio.to_thread(on_shutdown)

@@ -163,7 +163,8 @@ class MqttFrontEnd:
         extra = {"id": rid} if rid is not None else {}
 
         def fail(status: int, text: str) -> None:
-            self._publish(topic, corr, encode_error(text, status=status, **extra))
+            more = {"retry_after_s": 1} if status == 503 else {}
+            self._publish(topic, corr, encode_error(text, status=status, **extra, **more))
             self.svc.record("mqtt", status, time.perf_counter() - t0, 0)
 
         try:
@@ -179,7 +180,9 @@ class MqttFrontEnd:
 
             def done(pred: Prediction | None, err: BaseException | None) -> None:
                 try:
-                    if err is not None:
+                    if isinstance(err, (Overloaded, ShuttingDown)):
+                        fail(503, str(err))
+                    elif err is not None:
                         fail(422 if isinstance(err, TomaEdgeError) else 500, str(err))
                     else:
                         assert pred is not None
@@ -193,7 +196,7 @@ class MqttFrontEnd:
             with self._lock:
                 self._outstanding += 1
             try:
-                self.svc.submit(rows, done)
+                self.svc.submit_threadsafe(rows, done)
             except BaseException:
                 with self._idle:
                     self._outstanding -= 1
