@@ -12,7 +12,11 @@ Everything around it (Predictor, loaders, service, agent) speaks numpy arrays. T
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +49,29 @@ class Program(Protocol):
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
 
 
+@contextlib.contextmanager
+def _quiet_native() -> Iterator[None]:
+    """Silence ExecuTorch's native log lines (cpuinfo, threadpool) on fd 2 while loading,
+    so a CLI error stays one line; TOMA_EDGE_NATIVE_LOGS=1 keeps them."""
+    if os.environ.get("TOMA_EDGE_NATIVE_LOGS") == "1":
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 _threads_lock = threading.Lock()
 _threads_set: int | None = None
 
@@ -71,7 +98,7 @@ class PybindProgram:
         from executorch.extension.pybindings import _C
 
         global _threads_set
-        with _threads_lock:
+        with _threads_lock, _quiet_native():
             # XNNPACK's pool must be sized before a method is loaded
             if threads and threads != _threads_set:
                 _C._unsafe_reset_threadpool(int(threads))
@@ -87,7 +114,10 @@ class PybindProgram:
             except RuntimeError as e:
                 raise BundleError(f"{source if not isinstance(source, bytes) else '<bytes>'}: "
                                   f"ExecuTorch cannot load the program: {e}") from e
-        meta = self._module.method_meta("forward")
+        try:
+            meta = self._module.method_meta("forward")
+        except RuntimeError as e:
+            raise BundleError(f"the program has no 'forward' method: {e}") from e
         self.inputs = tuple(_parse_info(str(meta.input_tensor_meta(i))) for i in range(meta.num_inputs()))
         self.outputs = tuple(_parse_info(str(meta.output_tensor_meta(i))) for i in range(meta.num_outputs()))
         self._torch = torch

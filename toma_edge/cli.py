@@ -77,7 +77,10 @@ def targets() -> None:
             format_size(p.train_budget_bytes) if p.train_budget_bytes else "-",
             str(p.threads), f"{p.os.distro}; glibc {p.os.glibc}; Python {p.os.python}",
         )
-    Console(width=200).print(t)
+    console = Console()
+    if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(t)
 
 
 from .cli_fleet import fleet  # noqa: E402  (after main and handle_errors, which it uses)
@@ -222,6 +225,32 @@ def compress(model: str, target: str, project: str | None, out: str | None,
     for line in res.summary:
         click.echo(line)
     click.echo(f"bundle: {res.out}")
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path())
+@click.option("--input", "-i", "input_", required=True, help="Rows to run: a .csv, .npy or .jsonl file, or - for stdin.")
+@click.option("--output", "-o", required=True, help="Where outputs go: .csv, .npy or .jsonl, or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "jsonl"]), default=None, help="Format of - (stdin/stdout) and of files without a known extension [default: csv].")
+@click.option("--budget", default=None, help="Peak RSS budget of the whole process, e.g. 512MiB [default: the target's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
+@click.option("--skip-bad", is_flag=True, help="Skip and count bad rows instead of stopping at the first.")
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): require a valid signature.")
+@handle_errors
+def run_rows(bundle: str, input_: str, output: str, fmt: str | None, budget: str | None,
+             threads: int | None, skip_bad: bool, trust_key: str | None) -> None:
+    """Streamed batch inference over a file or stdin, within the memory budget."""
+    from .device.runner import RichProgress
+    from .device.runner import run as run_stream
+
+    bar = RichProgress()
+    try:
+        s = run_stream(bundle, input_, output, fmt=fmt, budget=budget, threads=threads,
+                       skip_bad=skip_bad, trust_key=trust_key, progress=bar)
+    finally:
+        bar.stop()
+    for line in s.lines():
+        click.echo(line, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,194 @@
+"""``toma-edge run``: streamed batch inference from a file (or stdin) to a file (or stdout).
+
+    from toma_edge.device.runner import run
+    s = run("dist/rpi4", "rows.csv", "out.csv", budget="512MiB", threads=1)
+    print(s.rows, s.rows_per_s, s.peak_rss_bytes <= s.budget_bytes)
+    for line in s.lines(): print(line)                  # the closing summary
+    run("dist/rpi4", "rows.npy", "out.npy", skip_bad=True).skipped
+
+Reading and parsing run in a background thread, at most ``depth`` chunks ahead of the
+model (blocks sized from the working budget left once a batch is paid), and outputs are
+written chunk by chunk, so memory does not grow with the input. A bad row stops the run
+with an :class:`~toma_edge.errors.InputError` naming its line, after every row before it
+was written completely; with ``skip_bad`` it is skipped and counted. ``seconds`` and
+``rows_per_s`` are timed from the first row read to the last row written (start-up,
+``startup_s``, excluded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..budget import format_size
+from ..probes import enable_exact_peaks, peak_probe
+from .loaders import BadRow, block_bytes_for, detect_format, open_reader, open_writer, prefetch
+
+__all__ = ["RunSummary", "ProgressCallback", "run", "RichProgress"]
+
+ProgressCallback = Callable[[int, "int | None"], None]
+"""``progress(rows_done, total_rows_or_None)`` after each chunk is written."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did. Bytes, seconds, rows."""
+
+    rows: int
+    skipped: int
+    bad_rows: tuple[BadRow, ...]
+    seconds: float
+    startup_s: float
+    peak_rss_bytes: int
+    baseline_bytes: int
+    budget_bytes: int
+    batch_size: int
+    threads: int
+    input_format: str
+    output_format: str
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows written per second, first row read to last row written."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        """The closing summary, for people."""
+        over = self.peak_rss_bytes > self.budget_bytes
+        out = [
+            f"rows {self.rows:,} in {self.seconds:.2f} s ({self.rows_per_s:,.0f} rows/s; "
+            f"start-up {self.startup_s:.2f} s)",
+            f"peak RSS {format_size(self.peak_rss_bytes)} of the {format_size(self.budget_bytes)} "
+            f"budget ({self.peak_rss_bytes / self.budget_bytes:.0%}"
+            + ("; OVER BUDGET" if over else "")
+            + f"); baseline {format_size(self.baseline_bytes)}, batch {self.batch_size}, "
+            f"{self.threads} thread(s)",
+        ]
+        if self.skipped:
+            shown = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad_rows[:3])
+            out.append(f"skipped {self.skipped:,} bad row(s) ({shown}"
+                       + (", ..." if self.skipped > 3 else "") + ")")
+        return out
+
+
+def run(
+    bundle: str | Path,
+    input: str,
+    output: str,
+    *,
+    fmt: str | None = None,
+    budget: int | str | None = None,
+    threads: int | None = None,
+    skip_bad: bool = False,
+    trust_key: str | Path | None = None,
+    depth: int = 4,
+    progress: ProgressCallback | None = None,
+    exact_peaks: bool = True,
+    t_start: float | None = None,
+) -> RunSummary:
+    """Run ``bundle`` over every row of ``input`` and write the outputs to ``output``
+    (``-``: stdin/stdout; the format comes from the extension, else ``fmt``, else CSV).
+
+    ``budget``: the whole process's peak RSS budget (default: the target's). ``exact_peaks``
+    makes glibc return large freed blocks at once (so RSS readings are honest).
+    ``t_start``: a ``time.perf_counter()`` reading to time ``startup_s`` from (default:
+    this process's start, so ``startup_s`` covers interpreter, imports and loading).
+    Raises BundleError, BudgetError or InputError (rows before a bad one are written).
+    """
+    t0 = _process_start() if t_start is None else t_start
+    if exact_peaks:
+        enable_exact_peaks()
+    from .predictor import Predictor
+
+    in_fmt, out_fmt = detect_format(input, fmt), detect_format(output, fmt)
+    if in_fmt == "csv":
+        import pandas  # noqa: F401  (the CSV parser: part of the baseline, not of the work)
+    pred = Predictor(bundle, budget=budget, threads=threads, trust_key=trust_key)
+    classes = pred.manifest.task == "classification"
+    reader = open_reader(input, row_shape=pred.input_spec.row_shape, fmt=in_fmt,
+                         block_bytes=block_bytes_for(pred.free_bytes, depth=depth),
+                         skip_bad=skip_bad)
+    t1 = time.perf_counter()
+    startup = (time.time() - t0) if t_start is None else (t1 - t0)
+    writer = None
+    done = 0
+    try:
+        chunks = prefetch(reader, depth=depth)
+        for chunk in chunks:
+            if writer is None:  # after the first block: the CSV header is known
+                writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
+                                     header=reader.had_header, classes=classes)
+            p = pred.predict(chunk.rows, first_row=chunk.first_line)
+            writer.write(p.outputs, p.classes)
+            done += len(p)
+            if progress is not None:
+                progress(done, reader.total_rows)
+        if writer is None:  # empty input: still write an (empty) output
+            writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
+                                 header=reader.had_header, classes=classes)
+    finally:
+        if writer is not None:
+            writer.close()
+        reader.close()
+    seconds = time.perf_counter() - t1
+    return RunSummary(
+        rows=done, skipped=reader.skipped, bad_rows=tuple(reader.bad_rows), seconds=seconds,
+        startup_s=startup, peak_rss_bytes=peak_probe().running_peak_bytes(),
+        baseline_bytes=pred.baseline_bytes, budget_bytes=pred.budget.bytes,
+        batch_size=pred.batch_size, threads=pred.threads, input_format=in_fmt,
+        output_format=out_fmt,
+    )
+
+
+def _process_start() -> float:
+    """This process's start, in ``time.time()`` seconds."""
+    import psutil
+
+    return float(psutil.Process().create_time())
+
+
+class RichProgress:
+    """A rich progress bar (rows, rows/s) on stderr when it is a terminal; else silent.
+
+    Pass the instance as ``progress`` to :func:`run`, and call :meth:`stop` after it.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._bar: Any = None
+        self._task: Any = None
+        self.enabled = self.console.is_terminal
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("inference"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(),
+                console=self.console, transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("run", total=total, rate="-")
+            self._t0 = time.perf_counter()
+        rate = done / max(1e-9, time.perf_counter() - self._t0)
+        self._bar.update(self._task, completed=done, rate=f"{rate:,.0f}")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
