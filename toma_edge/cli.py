@@ -77,7 +77,10 @@ def targets() -> None:
             format_size(p.train_budget_bytes) if p.train_budget_bytes else "-",
             str(p.threads), f"{p.os.distro}; glibc {p.os.glibc}; Python {p.os.python}",
         )
-    Console(width=200).print(t)
+    console = Console()
+    if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(t)
 
 
 from .cli_fleet import fleet  # noqa: E402  (after main and handle_errors, which it uses)
