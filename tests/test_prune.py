@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from toma_edge.host.prune import (
 CNN_MODEL = Path(__file__).resolve().parent.parent / "examples" / "digits_cnn" / "cnn_model.py"
 
 
-def _cnn() -> nn.Module:
+def _cnn() -> Any:
     spec = importlib.util.spec_from_file_location("digits_cnn_model_for_tests", CNN_MODEL)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -49,8 +50,8 @@ def test_finds_mlp_and_cnn_pairs_including_flatten_boundary() -> None:
 
 
 def test_mlp_half_pruned_shapes_and_parameter_count() -> None:
-    m = ExampleRegressor()
-    p = prune_structured(m, 0.5)
+    m: Any = ExampleRegressor()
+    p: Any = prune_structured(m, 0.5)
     assert [tuple(layer.weight.shape) for layer in p.net if isinstance(layer, nn.Linear)] == [
         (32, 20), (16, 32), (1, 16)]
     assert sum(t.numel() for t in p.parameters()) == 32 * 21 + 16 * 33 + 17
@@ -62,12 +63,12 @@ def test_mlp_half_pruned_shapes_and_parameter_count() -> None:
 @torch.no_grad()
 def test_pruning_dead_mlp_units_keeps_outputs_exactly() -> None:
     torch.manual_seed(1)
-    m = ExampleRegressor().eval()
+    m: Any = ExampleRegressor().eval()
     dead1 = torch.randperm(64)[:32]
     dead2 = torch.randperm(32)[:16]
     m.net[2].weight[:, dead1] = 0.0  # nobody reads these units: importance 0
     m.net[4].weight[:, dead2] = 0.0
-    p = prune_structured(m, 0.5)
+    p: Any = prune_structured(m, 0.5)
     x = torch.rand(50, 10)
     torch.testing.assert_close(p(x), m(x), rtol=1e-5, atol=1e-6)
     kept = [i for i in range(64) if i not in set(dead1.tolist())]
@@ -83,7 +84,7 @@ def test_pruning_dead_cnn_channels_keeps_outputs_exactly() -> None:
         m.net[bn_idx].weight[dead] = 0.0  # BN outputs 0 there, ReLU keeps it 0
         m.net[bn_idx].bias[dead] = 0.0
     m.net[10].weight[:, torch.randperm(64, generator=g)[:32]] = 0.0
-    p = prune_structured(m, 0.5)
+    p: Any = prune_structured(m, 0.5)
     assert p.net[0].out_channels == 8 and p.net[1].num_features == 8
     assert p.net[3].in_channels == 8 and p.net[3].out_channels == 16
     assert p.net[4].num_features == 16 and p.net[4].running_mean.shape == (16,)
@@ -94,7 +95,7 @@ def test_pruning_dead_cnn_channels_keeps_outputs_exactly() -> None:
 
 @torch.no_grad()
 def test_scores_follow_the_stated_criterion() -> None:
-    m = ExampleRegressor()
+    m: Any = ExampleRegressor()
     pair = find_prunable(m)[1]
     w_in = torch.cat([m.net[2].weight, m.net[2].bias[:, None]], dim=1)
     w_out = m.net[4].weight
@@ -125,10 +126,10 @@ def test_nothing_to_prune_and_branching_outputs_are_refused_or_left_alone() -> N
 
 
 def test_magnitude_pruning_zeroes_but_shrinks_nothing() -> None:
-    m = ExampleRegressor()
+    m: Any = ExampleRegressor()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        p = prune_magnitude(m, 0.5)
+        p: Any = prune_magnitude(m, 0.5)
     assert any("no memory" in str(x.message) for x in w)
     assert sum(t.numel() for t in p.parameters()) == sum(t.numel() for t in m.parameters())
     frac = float((p.net[0].weight == 0).float().mean())
