@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from mqtt_fixtures import Broker, password_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_service_http import ServiceProc, offline
-
-from mqtt_fixtures import Broker, password_for
 
 FLEET, DEV = "test", "dev-7"
 BASE = f"toma-edge/v1/{FLEET}/{DEV}"
