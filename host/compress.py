@@ -263,14 +263,14 @@ def format_table(candidates: Iterable[Candidate], shipped: Candidate | None = No
     cands = list(candidates)
     metric = cands[0].metric if cands else "val"
     head = (f"  {'quantization':13s}{'prune':>6s}{'pte':>10s}{'planned':>10s}{'peak@1':>10s}"
-            f"{'ms@1':>9s}{metric:>11s}  fits")
+            f"{'ms@1':>9s}{metric:>14s}  fits")
     lines = [head]
     for c in cands:
         mark = "*" if c is shipped else " "
         lines.append(
             f"{mark} {c.quantization:13s}{c.prune:6.2f}{format_size(c.pte_bytes):>10s}"
             f"{format_size(c.planned_bytes):>10s}{format_size(c.peak_bytes):>10s}{c.latency_ms:9.3f}"
-            f"{c.value:11.4f}  {'yes' if c.fits else 'no: ' + c.miss}"
+            f"{c.value:14.4f}  {'yes' if c.fits else 'no: ' + c.miss}"
         )
     return "\n".join(lines)
 
