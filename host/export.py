@@ -29,7 +29,8 @@ from ..errors import ConfigError
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-__all__ = ["Quantization", "ExportResult", "export_program", "WithSoftmax", "quantize_model"]
+__all__ = ["Quantization", "ExportResult", "export_program", "export_example", "WithSoftmax",
+           "quantize_model"]
 
 Quantization = Literal["int8", "int8-dynamic", "fp32"]
 
@@ -71,6 +72,20 @@ class _Entry(nn.Module):
         return self.inner(x)
 
 
+def export_example(example: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """An example batch export can trace without specialising the batch dimension.
+
+    A 2-row example let export guard conv models to batch <= 15 (the program then
+    refused batch 16 and up); min(32, max_batch) rows avoids such guards.
+    """
+    want = max(2, min(32, max_batch))
+    n = int(example.shape[0])
+    if n >= want:
+        return example[:want]
+    reps = -(-want // max(1, n))
+    return example.repeat(reps, *([1] * (example.ndim - 1)))[:want]
+
+
 def quantize_model(
     model: nn.Module,
     example: torch.Tensor,
@@ -93,6 +108,7 @@ def quantize_model(
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    example = export_example(example, max_batch)
     qcfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=(kind == "int8-dynamic"))
     quantizer = XNNPACKQuantizer().set_global(qcfg)
     captured = torch.export.export(
@@ -123,8 +139,7 @@ def export_program(
 
     if quantize not in ("int8", "int8-dynamic", "fp32"):
         raise ConfigError(f"unknown quantization '{quantize}'; use int8, int8-dynamic or fp32")
-    if example.shape[0] < 2:
-        example = example.repeat(2, *([1] * (example.ndim - 1)))
+    example = export_example(example, max_batch)
     model = model.eval()
     ref = quantize_model(model, example, kind=quantize, max_batch=max_batch, calibration=calibration)
     entry: nn.Module = ref if quantize != "fp32" else _Entry(model).eval()

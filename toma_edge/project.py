@@ -64,7 +64,8 @@ class CompressConfig(BaseModel):
 
 class ExportConfig(BaseModel):
     model_config = _Cfg
-    max_batch: int = Field(256, ge=1, le=65536)
+    #: the program's dynamic batch runs 1..max_batch (2 at least: export needs a range)
+    max_batch: int = Field(256, ge=2, le=65536)
 
 
 class ProjectConfig(BaseModel):
