@@ -267,9 +267,11 @@ class BatchSizePolicy:
         if model is None:
             # one size seen: rise/size over-estimates the slope when the intercept >= 0,
             # so this guess stays at or below the largest size that fits
+            # so this guess stays at or below the largest size that fits; a small first
+            # batch reads mostly noise, so never jump more than 16x on one point
             s, r = max(self._points)
             per_item = max(r, 1) / s
-            return int(self.headroom * self.budget_bytes / per_item)
+            return min(int(self.headroom * self.budget_bytes / per_item), 16 * s)
         return model.size_for(self.budget_bytes, headroom=self.headroom)
 
     @property
