@@ -534,12 +534,12 @@ class CsvWriter(Writer):
         k = len(outputs)
         if not k:
             return
-        flat = outputs.reshape(k, -1).tolist()
         if self.classes and classes is not None:
             line = self._fmt + ",%s\n"
-            text = "".join([line % (*r, c) for r, c in zip(flat, classes, strict=True)])
-        else:
-            text = ((self._fmt + "\n") * k) % tuple(v for r in flat for v in r)
+            rows = outputs.reshape(k, -1).tolist()
+            text = "".join([line % (*r, c) for r, c in zip(rows, classes, strict=True)])
+        else:  # one %-format over the flat values: C speed, no per-row Python
+            text = ((self._fmt + "\n") * k) % tuple(outputs.reshape(-1).tolist())
         self._f.write(text.encode())
         self.rows_written += k
 
