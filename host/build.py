@@ -36,7 +36,7 @@ from ..manifest import SCHEMA_VERSION, Manifest, sha256_file
 from ..profiles import TargetProfile, load_profile
 from .export import ExportResult, Quantization, WithSoftmax, export_program
 from .source import ModelSource, load_source
-from .train import TrainSpec, evaluate, kfold_indices, predict_numpy, train_model
+from .train import MemoryPolicy, TrainSpec, evaluate, kfold_indices, predict_numpy, train_model
 
 __all__ = ["BuildResult", "build", "Reporter"]
 
@@ -172,7 +172,68 @@ def build(
     archive: bool = False,
     reporter: Reporter | None = None,
 ) -> BuildResult:
-    """Build a bundle for ``target`` from the built-in example or a project file."""
+    """Build a bundle for ``target`` from the built-in example or a project file.
+
+    ``memory_log``: write the build's RSS over time as JSONL there, and a PNG of it
+    against the training budget beside it (same name, ``.png``).
+    """
+    kw = dict(target=target, project=project, out=out, storage_budget=storage_budget,
+              train_budget=train_budget, latency_budget_ms=latency_budget_ms,
+              sign_key=sign_key, archive=archive)
+    if memory_log is None:
+        return _build(reporter=reporter, **kw)  # type: ignore[arg-type]
+    from ..probes import MemoryMonitor, plot_memory_log
+
+    log_path = Path(memory_log)
+    budget = _train_budget_bytes(load_profile(target), train_budget)
+    with MemoryMonitor(interval_s=0.05, log_path=log_path, budget_bytes=budget) as mon:
+        res = _build(reporter=_MarkingReporter(reporter or Reporter(), mon.mark), **kw)  # type: ignore[arg-type]
+    png = plot_memory_log(log_path, log_path.with_suffix(".png"), budget,
+                          title=f"toma-edge build --target {res.manifest['target']['name']}: RSS over time")
+    res.summary.append(f"  memory log {log_path} (peak RSS {format_size(mon.peak_bytes)}"
+                       + (f" against a {format_size(budget)} training budget" if budget else "")
+                       + f"), plot {png}")
+    return res
+
+
+class _MarkingReporter(Reporter):
+    """Passes progress on and names each phase in the memory log."""
+
+    def __init__(self, inner: Reporter, mark: Callable[[str], None]) -> None:
+        self.inner, self.mark = inner, mark
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        self.mark(name)
+        self.inner.phase(name, total)
+
+    def advance(self, n: int = 1) -> None:
+        self.inner.advance(n)
+
+    def done(self) -> None:
+        self.inner.done()
+
+    def info(self, msg: str) -> None:
+        self.inner.info(msg)
+
+
+def _train_budget_bytes(profile: TargetProfile, train_budget: str | int | None) -> int | None:
+    if train_budget is not None:
+        return parse_size(train_budget, total_bytes=profile.ram_bytes)
+    return profile.train_budget_bytes
+
+
+def _build(
+    *,
+    target: str = "rpi",
+    project: str | Path | None = None,
+    out: str | Path | None = None,
+    storage_budget: str | int | None = None,
+    train_budget: str | int | None = None,
+    latency_budget_ms: float | None = None,
+    sign_key: str | Path | None = None,
+    archive: bool = False,
+    reporter: Reporter | None = None,
+) -> BuildResult:
     t0 = time.perf_counter()
     rep = reporter or Reporter()
     profile: TargetProfile = load_profile(target)
@@ -187,6 +248,10 @@ def build(
                      batch_size=proj.train.batch_size, seed=proj.train.seed,
                      weight_decay=proj.train.weight_decay)
     cal_batches = proj.compress.calibration_batches
+    # every training run fits its steps into the training budget (micro-batches, checkpointing)
+    memory = MemoryPolicy(train_budget_bytes=_train_budget_bytes(profile, train_budget),
+                          micro_batch=proj.train.micro_batch, checkpointing=proj.train.checkpointing,
+                          on_info=rep.info)
 
     # cross-validation on the training split only
     folds = proj.train.folds
@@ -198,17 +263,18 @@ def build(
         for tr_idx, va_idx in kfold_indices(len(src.X_train), folds, seed=proj.train.seed, task=task, y=src.y_train):
             torch.manual_seed(proj.train.seed)
             m = train_model(src.factory(), src.X_train[tr_idx], src.y_train[tr_idx], spec,
-                            progress=lambda *_: rep.advance())
+                            progress=lambda *_: rep.advance(), memory=memory)
             net = _export_net(src, m)
             Xv, yv = src.X_train[va_idx], src.y_train[va_idx]
-            cv_ref.append(evaluate(lambda x: predict_numpy(net, x), Xv, yv, task, prefix="cv_"))
+            cv_ref.append(evaluate(lambda x, net=net: predict_numpy(net, x), Xv, yv, task, prefix="cv_"))
             if quant != "fp32":
                 qp = _predict_quantized(src, m, src.X_train[tr_idx], quant, max_batch, cal_batches)
                 cv_q.append(evaluate(qp, Xv, yv, task, prefix="cv_"))
             else:
                 cv_q.append(cv_ref[-1])
     torch.manual_seed(proj.train.seed)
-    model = train_model(src.factory(), src.X_train, src.y_train, spec, progress=lambda *_: rep.advance())
+    model = train_model(src.factory(), src.X_train, src.y_train, spec, progress=lambda *_: rep.advance(),
+                        memory=memory)
     rep.done()
     net = _export_net(src, model)
     ref_metrics = evaluate(lambda x: predict_numpy(net, x), src.X_test, src.y_test, task, prefix="test_")
