@@ -12,4 +12,41 @@ if __name__ != "toma_edge.device":
         "install the package (pip install -e .) and import toma_edge.device"
     )
 
-__all__: list[str] = []
+__all__ = [
+    "load_bundle",
+    "LoadedBundle",
+    "Predictor",
+    "Prediction",
+    "run",
+    "RunSummary",
+    "TelemetryAgent",
+    "Spool",
+    "serve",
+    "ServiceConfig",
+    "load_program",
+]
+
+# loaded on first use, so importing the package stays cheap (no torch)
+_LAZY = {
+    "load_bundle": "bundle",
+    "LoadedBundle": "bundle",
+    "Predictor": "predictor",
+    "Prediction": "predictor",
+    "run": "runner",
+    "RunSummary": "runner",
+    "TelemetryAgent": "agent",
+    "Spool": "spool",
+    "serve": "service",
+    "ServiceConfig": "service",
+    "load_program": "adapter",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'toma_edge.device' has no attribute {name!r}")
