@@ -12,6 +12,7 @@ only when everything passed, so a failed build leaves nothing half-written.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import shutil
@@ -266,7 +267,7 @@ def _build(
                             progress=lambda *_: rep.advance(), memory=memory)
             net = _export_net(src, m)
             Xv, yv = src.X_train[va_idx], src.y_train[va_idx]
-            cv_ref.append(evaluate(lambda x, net=net: predict_numpy(net, x), Xv, yv, task, prefix="cv_"))
+            cv_ref.append(evaluate(functools.partial(predict_numpy, net), Xv, yv, task, prefix="cv_"))
             if quant != "fp32":
                 qp = _predict_quantized(src, m, src.X_train[tr_idx], quant, max_batch, cal_batches)
                 cv_q.append(evaluate(qp, Xv, yv, task, prefix="cv_"))
