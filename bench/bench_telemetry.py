@@ -207,7 +207,8 @@ def split(work: Path, pki: dict[str, Path], devices: int, per_device: int) -> st
     broker.start()
     db = work / "fleet.db"
     cols = [start_collector(broker, db=db, client_id=f"bench-split-{i}",
-                            log=work / f"col{i}.log") for i in range(2)]
+                            log=work / f"col{i}.log", share_group="toma-edge-collectors")
+            for i in range(2)]
     total = devices * per_device
     _publish_all(broker, devices, per_device, "split")
     wait_until(lambda: _db_count(db) >= total, 600, "all rows")

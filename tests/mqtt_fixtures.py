@@ -179,12 +179,14 @@ def start_device(broker: Broker, *, device_id: str, spool: Path, count: int, rat
 
 
 def start_collector(broker: Broker, *, db: Path, client_id: str,
-                    log: Path | None = None) -> subprocess.Popen[bytes]:
+                    log: Path | None = None, share_group: str | None = None
+                    ) -> subprocess.Popen[bytes]:
     """Run ``toma-edge fleet collect`` as a process; returns once it is subscribed."""
     out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115
+    group = ["--share-group", share_group] if share_group else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "toma_edge.cli", "fleet", "collect", "--mqtt",
-         broker.url("collector"), "--db", str(db), "--client-id", client_id],
+         broker.url("collector"), "--db", str(db), "--client-id", client_id, *group],
         env=broker.env("collector"), stdout=out, stderr=out)
     if log is not None:
         wait_until(lambda: "collecting from" in log.read_text(errors="replace")

@@ -127,7 +127,8 @@ def test_two_collectors_split_a_shared_subscription(broker_factory: Any, tmp_pat
     n = 240
     broker: Broker = broker_factory()
     db = tmp_path / "fleet.db"
-    cols = [start_collector(broker, db=db, client_id=f"col-{i}", log=tmp_path / f"c{i}.log")
+    cols = [start_collector(broker, db=db, client_id=f"col-{i}", log=tmp_path / f"c{i}.log",
+                            share_group="toma-edge-collectors")
             for i in range(2)]
     devs = [start_device(broker, device_id=f"dev-{i}", spool=tmp_path / f"s{i}.db", count=n // 2,
                          rate_hz=0, log=tmp_path / f"d{i}.log") for i in range(2)]

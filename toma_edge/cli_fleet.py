@@ -67,10 +67,14 @@ fleet: click.Group = click.Group(
               help="Collect this fleet only ('+': every fleet).")
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True,
               help="Messages committed per database transaction.")
+@click.option("--share-group", default=None, metavar="NAME",
+              help="Split telemetry and events with the other collectors of this MQTT v5 "
+                   "shared-subscription group (e.g. toma-edge-collectors). Needs a broker that "
+                   "keeps shared subscriptions across restarts; mosquitto 2.0.11 does not.")
 @handle_errors
 def collect(url: str, db: Path, password_file: Path | None, ca_file: Path | None,
             cert_file: Path | None, key_file: Path | None, client_id: str | None,
-            fleet_name: str, batch_size: int) -> None:
+            fleet_name: str, batch_size: int, share_group: str | None) -> None:
     """Store the fleet's status, telemetry and events in SQLite, each message once,
     until Ctrl-C or SIGTERM. Several collectors with different --client-id split the load."""
     import logging
@@ -85,8 +89,10 @@ def collect(url: str, db: Path, password_file: Path | None, ca_file: Path | None
         validate_id(client_id, what="client id")
     settings = mqtt_settings(url, password_file=password_file, ca_file=ca_file,
                              cert_file=cert_file, key_file=key_file)
+    if share_group is not None:
+        validate_id(share_group, what="share group")
     collector = Collector(settings, db=db, client_id=client_id, fleet=fleet_name,
-                          batch_size=batch_size)
+                          batch_size=batch_size, share_group=share_group)
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -70,7 +70,11 @@ class Collector:
     ``batch_size`` messages (or what arrived within ``batch_wait_s`` seconds) are
     committed in one transaction. ``session_expiry_s`` is how long the broker keeps our
     session (and queues messages for it) while we are away. Several collectors with the
-    same ``share_group`` split telemetry and events; give each its own ``client_id``.
+    same ``share_group`` (e.g. :data:`SHARE_GROUP`) split telemetry and events through an
+    MQTT v5 shared subscription; give each its own ``client_id``. Without one the
+    subscription is plain: mosquitto 2.0.11 (Debian 12) does not restore shared
+    subscriptions, nor the messages queued for them, when a persisting broker restarts,
+    so a single collector subscribes plainly and loses nothing across broker restarts.
     """
 
     def __init__(
@@ -80,7 +84,7 @@ class Collector:
         db: str | Path = "fleet.db",
         client_id: str | None = None,
         fleet: str = "+",
-        share_group: str | None = SHARE_GROUP,
+        share_group: str | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         batch_size: int = 500,
         batch_wait_s: float = 0.05,
