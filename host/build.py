@@ -342,49 +342,15 @@ def _build(
                 f"{format_size(profile.baseline_bytes(meas['adapter']))}); compress the model or pick a larger target"
             )
 
-        weights = sum(p.numel() for p in model.parameters()) * (1 if quant != "fp32" else 4)
-        n_out = int(predict_numpy(net, src.X_test[:1]).shape[1])
-        now = _dt.datetime.now(_dt.timezone.utc)
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "name": proj.name,
-            "version": proj.version or now.strftime("%Y.%m.%d-%H%M%S"),
-            "task": task,
-            "target": {
-                "name": profile.name, "arch": profile.arch,
-                "memory_budget_bytes": profile.memory_budget_bytes,
-                "storage_budget_bytes": storage_bytes,
-                "baseline_rss_bytes": dict(profile.baseline_rss_bytes),
-                "threads": profile.threads,
-            },
-            "inputs": [{"name": "x", "shape": [-1, *src.X_train.shape[1:]], "dtype": "float32"}],
-            "outputs": [{"name": "y" if task == "regression" else "probabilities",
-                         "shape": [-1, n_out], "dtype": "float32"}],
-            "max_batch": max_batch,
-            "shipped": quant,
-            "compression": {"quantization": quant, "prune": prune_ratio},
-            "candidates": [dict(c.as_dict(), shipped=c is choice.shipped) for c in choice.candidates],
-            "batch_dependent": quant == "int8-dynamic",
-            "memory": {
-                "pte_bytes": pte_bytes,
-                "planned_bytes": res.planned_bytes,
-                "weights_bytes": int(weights),
-                "measured_peak_bytes": {k: int(v) for k, v in meas["measured_peak_bytes"].items()},
-            },
-            "metrics": {"reference": ref_metrics, "shipped": shipped_metrics},
-            "files": {},
-            "versions": _versions(),
-            "created": now.isoformat(timespec="seconds"),
-            "build": {
-                "verify_max_abs_diff": verify_diff,
-                "measured_with": meas["adapter"],
-                "train": proj.train.model_dump(mode="json"),
-                "data": {"train_rows": int(len(src.X_train)), "test_rows": int(len(src.X_test)),
-                         "builtin_example": src.builtin},
-            },
-        }
-        if task == "classification":
-            manifest["classes"] = src.classes
+        manifest = bundle_manifest(
+            src, profile, res, model, storage_bytes=storage_bytes, quantization=quant,
+            prune=prune_ratio, candidates=[dict(c.as_dict(), shipped=c is choice.shipped)
+                                           for c in choice.candidates],
+            ref_metrics=ref_metrics, shipped_metrics=shipped_metrics, measured=meas,
+            build_info={"verify_max_abs_diff": verify_diff,
+                        "train": proj.train.model_dump(mode="json"),
+                        "data": {"train_rows": int(len(src.X_train)), "test_rows": int(len(src.X_test)),
+                                 "builtin_example": src.builtin}})
         from .plots import write_plots
 
         write_plots(tmp, task=task, y_true=src.y_test,
@@ -405,6 +371,63 @@ def _build(
     return BuildResult(out=out_dir, manifest=manifest, seconds=secs,
                        summary=summary_lines(manifest, profile, secs), archive=arch,
                        reference=res.reference)
+
+
+def bundle_manifest(
+    src: ModelSource,
+    profile: TargetProfile,
+    res: ExportResult,
+    model: torch.nn.Module,
+    *,
+    storage_bytes: int,
+    quantization: Quantization,
+    prune: float,
+    candidates: list[dict[str, Any]],
+    ref_metrics: dict[str, float],
+    shipped_metrics: dict[str, float],
+    measured: dict[str, Any],
+    build_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest of DESIGN.md for a verified, measured program (``files`` filled later)."""
+    proj = src.project
+    now = _dt.datetime.now(_dt.timezone.utc)
+    n_out = int(res.reference(torch.as_tensor(src.X_test[:2])).shape[1])
+    weights = sum(p.numel() for p in model.parameters()) * (1 if quantization != "fp32" else 4)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": proj.name,
+        "version": proj.version or now.strftime("%Y.%m.%d-%H%M%S"),
+        "task": proj.task,
+        "target": {
+            "name": profile.name, "arch": profile.arch,
+            "memory_budget_bytes": profile.memory_budget_bytes,
+            "storage_budget_bytes": storage_bytes,
+            "baseline_rss_bytes": dict(profile.baseline_rss_bytes),
+            "threads": profile.threads,
+        },
+        "inputs": [{"name": "x", "shape": [-1, *src.X_train.shape[1:]], "dtype": "float32"}],
+        "outputs": [{"name": "y" if proj.task == "regression" else "probabilities",
+                     "shape": [-1, n_out], "dtype": "float32"}],
+        "max_batch": proj.export.max_batch,
+        "shipped": quantization,
+        "compression": {"quantization": quantization, "prune": prune},
+        "candidates": candidates,
+        "batch_dependent": quantization == "int8-dynamic",
+        "memory": {
+            "pte_bytes": len(res.pte),
+            "planned_bytes": res.planned_bytes,
+            "weights_bytes": int(weights),
+            "measured_peak_bytes": {k: int(v) for k, v in measured["measured_peak_bytes"].items()},
+        },
+        "metrics": {"reference": ref_metrics, "shipped": shipped_metrics},
+        "files": {},
+        "versions": _versions(),
+        "created": now.isoformat(timespec="seconds"),
+        "build": {"measured_with": measured["adapter"], **build_info},
+    }
+    if proj.task == "classification":
+        manifest["classes"] = src.classes
+    return manifest
 
 
 def _resolve_quant(q: str, profile: TargetProfile) -> Quantization:

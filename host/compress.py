@@ -496,16 +496,14 @@ def compress_saved(
     training rows less a validation split and scores on that split; the test split is
     only reported. ``metrics.reference`` is the saved model on the test split.
     """
-    import datetime as _dt
     import shutil
 
-    from ..manifest import SCHEMA_VERSION
     from .build import (
         BuildResult,
         _replace_dir,
         _verify,
-        _versions,
         _write_manifest,
+        bundle_manifest,
         measure_peaks,
         run_program_rows,
         summary_lines,
@@ -546,49 +544,15 @@ def compress_saved(
         pred = run_program_rows(pte_path, src.X_test, max_batch)
         shipped_metrics = evaluate(lambda x: pred, src.X_test, src.y_test, task, prefix="test_")
         meas = measure_peaks(pte_path, max_batch)
-        weights = sum(p.numel() for p in res.model.parameters()) * (1 if kind != "fp32" else 4)
-        now = _dt.datetime.now(_dt.timezone.utc)
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "name": proj.name,
-            "version": proj.version or now.strftime("%Y.%m.%d-%H%M%S"),
-            "task": task,
-            "target": {
-                "name": profile.name, "arch": profile.arch,
-                "memory_budget_bytes": profile.memory_budget_bytes,
-                "storage_budget_bytes": storage_bytes,
-                "baseline_rss_bytes": dict(profile.baseline_rss_bytes),
-                "threads": profile.threads,
-            },
-            "inputs": [{"name": "x", "shape": [-1, *src.X_train.shape[1:]], "dtype": "float32"}],
-            "outputs": [{"name": "y" if task == "regression" else "probabilities",
-                         "shape": [-1, int(pred.shape[1])], "dtype": "float32"}],
-            "max_batch": max_batch,
-            "shipped": kind,
-            "compression": {"quantization": kind, "prune": res.shipped.prune},
-            "candidates": [dict(c.as_dict(), shipped=c is res.shipped) for c in res.candidates],
-            "batch_dependent": kind == "int8-dynamic",
-            "memory": {
-                "pte_bytes": len(res.export.pte),
-                "planned_bytes": res.export.planned_bytes,
-                "weights_bytes": int(weights),
-                "measured_peak_bytes": {k: int(v) for k, v in meas["measured_peak_bytes"].items()},
-            },
-            "metrics": {"reference": ref_metrics, "shipped": shipped_metrics},
-            "files": {},
-            "versions": _versions(),
-            "created": now.isoformat(timespec="seconds"),
-            "build": {
-                "command": "compress",
-                "source_model": str(model_path),
-                "verify_max_abs_diff": verify_diff,
-                "measured_with": meas["adapter"],
-                "data": {"train_rows": int(len(fit_idx)), "validation_rows": int(len(val_idx)),
-                         "test_rows": int(len(src.X_test)), "builtin_example": src.builtin},
-            },
-        }
-        if task == "classification":
-            manifest["classes"] = src.classes
+        manifest = bundle_manifest(
+            src, profile, res.export, res.model, storage_bytes=storage_bytes, quantization=kind,
+            prune=res.shipped.prune,
+            candidates=[dict(c.as_dict(), shipped=c is res.shipped) for c in res.candidates],
+            ref_metrics=ref_metrics, shipped_metrics=shipped_metrics, measured=meas,
+            build_info={"command": "compress", "source_model": str(model_path),
+                        "verify_max_abs_diff": verify_diff,
+                        "data": {"train_rows": int(len(fit_idx)), "validation_rows": int(len(val_idx)),
+                                 "test_rows": int(len(src.X_test)), "builtin_example": src.builtin}})
         write_plots(tmp, task=task, y_true=src.y_test, y_pred=pred, candidates=res.candidates,
                     shipped=res.shipped, classes=src.classes)
         _write_manifest(tmp, manifest)
