@@ -26,6 +26,8 @@ __all__ = [
     "FleetStore",
 ]
 
+from .._lazy import lazy_getattr  # noqa: E402
+
 # loaded on first use, so importing the package stays cheap (no torch)
 _LAZY = {
     "build": "build",
@@ -42,11 +44,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'toma_edge.host' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

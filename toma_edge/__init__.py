@@ -12,8 +12,9 @@ no torch at import time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_getattr
 from .budget import MemoryBudget, format_size, parse_size
 from .errors import (
     BudgetError,
@@ -55,11 +56,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:  # lazy: keep `import toma_edge` free of torch
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'toma_edge' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
