@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._validation import describe_validation_error
 from .errors import BundleError
 
 __all__ = [
@@ -146,10 +147,7 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            kind = "unknown key" if err["type"] == "extra_forbidden" else "field"
-            raise BundleError(f"{where}: {kind} '{loc}': {err['msg']}") from e
+            raise BundleError(f"{where}: {describe_validation_error(e)}") from e
 
 
 def read_manifest(path: str | Path) -> Manifest:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._validation import describe_validation_error
 from .budget import parse_size
 from .errors import ConfigError
 
@@ -127,9 +128,7 @@ def profile_from_file(path: Path) -> TargetProfile:
     try:
         return TargetProfile.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: field '{field}': {err['msg']}") from e
+        raise ConfigError(f"{path}: {describe_validation_error(e)}") from e
 
 
 @lru_cache(maxsize=8)

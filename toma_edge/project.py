@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ._validation import describe_validation_error
 from .errors import ConfigError
 
 __all__ = ["TrainConfig", "CompressConfig", "ExportConfig", "ProjectConfig", "load_project"]
@@ -103,10 +104,7 @@ def load_project(path: str | Path) -> ProjectConfig:
         return ProjectConfig.model_validate({**data, "root": p.resolve().parent})
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "string_pattern_mismatch" and field in ("model", "data"):
-            msg = "must be module:callable (e.g. mymodels:build)"
-        raise ConfigError(f"{p}: field '{field}': {msg}") from e
+        if err["type"] == "string_pattern_mismatch" and err["loc"] in (("model",), ("data",)):
+            raise ConfigError(f"{p}: field '{err['loc'][0]}': must be module:callable "
+                              "(e.g. mymodels:build)") from e
+        raise ConfigError(f"{p}: {describe_validation_error(e)}") from e
