@@ -128,10 +128,11 @@ class PybindProgram:
         ts = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         with self._lock:
             try:
-                outs = self._module.forward(ts)
+                outs = self._module.forward(ts, False)
             except RuntimeError as e:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
-            # copy out: the output may alias the program's planned memory
+            # copy out: with clone_outputs=False the outputs alias the program's planned
+            # memory, which the next call overwrites (one copy instead of two)
             return [o.numpy().copy() for o in outs]
 
 
@@ -143,7 +144,7 @@ class PybindProgram:
         """
         with self._lock:
             try:
-                (o,) = self._module.forward((self._torch.from_numpy(x),))
+                (o,) = self._module.forward((self._torch.from_numpy(x),), False)
             except RuntimeError as e:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
             out[...] = o.numpy()  # copy before the next call reuses the planned memory
@@ -152,15 +153,20 @@ class PybindProgram:
         """Run ``x`` in consecutive batches of ``size`` rows (one-input, one-output),
         each result into the matching rows of ``out``; the lock is taken once.
 
-        The Predictor's hot loop: per batch only the method call and one copy remain.
+        The Predictor's hot loop: per batch only the method call and one copy remain. The
+        input batches are cut in one C call (``Tensor.split``, views, no copy), and the
+        method returns its output uncloned (``clone_outputs=False``: a view of the
+        program's planned memory), copied once into ``out`` before the next call reuses
+        it; at batch 32 this is ~10% of the per-batch time.
         """
         fwd = self._module.forward
-        from_numpy = self._torch.from_numpy
         with self._lock:
             try:
-                for i in range(0, len(x), size):
-                    (o,) = fwd((from_numpy(x[i : i + size]),))
+                i = 0
+                for xb in self._torch.from_numpy(x).split(size):
+                    (o,) = fwd((xb,), False)
                     out[i : i + size] = o.numpy()
+                    i += size
             except RuntimeError as e:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
 

@@ -179,9 +179,11 @@ class Predictor:
             self._user_on_event(e)
 
     # -- input --------------------------------------------------------------------------
-    def validate(self, rows: Any, *, first_row: int = 0) -> np.ndarray:
+    def validate(self, rows: Any, *, first_row: int = 0, finite_checked: bool = False) -> np.ndarray:
         """Rows as a C-contiguous float32 array ``(n, *row_shape)``; InputError if the
-        width, dtype or a value is wrong (``first_row`` numbers rows in messages)."""
+        width, dtype or a value is wrong (``first_row`` numbers rows in messages).
+        ``finite_checked``: the caller (a streaming reader) already refused non-finite
+        float32 values, so that pass over the rows is not made twice."""
         spec = self.input_spec
         want = spec.row_shape
         if isinstance(rows, np.ndarray):
@@ -209,9 +211,12 @@ class Predictor:
                 f"'{spec.name}' {list(spec.shape)}, got rows of {got}"
             )
         if x.dtype != np.float32 or not x.flags.c_contiguous:
+            finite_checked = False  # a cast can overflow to inf
             with np.errstate(over="ignore"):
                 x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.size:
+        # NaN propagates through min and max, and inf is its own extreme: two SIMD
+        # reductions without a temporary decide "all finite", the common case
+        if x.size and not finite_checked and not (np.isfinite(x.min()) and np.isfinite(x.max())):
             finite = np.isfinite(x)
             if not finite.all():
                 flat = finite.reshape(len(x), -1)
@@ -224,13 +229,23 @@ class Predictor:
         return x
 
     # -- inference ----------------------------------------------------------------------
-    def predict(self, rows: Any, *, first_row: int = 0) -> Prediction:
+    def predict(self, rows: Any, *, first_row: int = 0, finite_checked: bool = False,
+                out: np.ndarray | None = None) -> Prediction:
         """Outputs for every row, in order; batches of at most ``max_batch`` that fit the
         working budget. Raises InputError for bad rows (nothing is run then) and
-        BudgetError if even one row per batch does not fit."""
-        x = self.validate(rows, first_row=first_row)
+        BudgetError if even one row per batch does not fit.
+
+        ``finite_checked``: see :meth:`validate`. ``out``: a float32 C-contiguous array
+        ``(n, *output_row_shape)`` to write the outputs into (a writer's buffer), so no
+        array is allocated per call."""
+        x = self.validate(rows, first_row=first_row, finite_checked=finite_checked)
         n = len(x)
-        out = np.empty((n, *self.output_spec.row_shape), dtype=np.float32)
+        shape = (n, *self.output_spec.row_shape)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise InputError(f"out must be a C-contiguous float32 array of shape {shape}, "
+                             f"got {out.dtype} {out.shape}")
         i = batches = 0
         run_into = self._run_into
         run_many = self._run_many

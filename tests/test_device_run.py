@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toma_edge.device.loaders import open_reader, open_writer, prefetch
+from toma_edge.device.loaders import NpyReader, open_reader, open_writer, prefetch
 from toma_edge.device.predictor import Predictor
 from toma_edge.device.runner import run
 from toma_edge.errors import InputError
@@ -156,3 +156,21 @@ def test_csv_reader_blocks_and_header(tmp_path: Path, X: np.ndarray) -> None:
         for c in chunks:
             w.write(c.rows[:, :2])
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), X[:, :2])
+
+
+def test_predict_into_given_out_and_zero_copy_npy(example_bundle: Path, pred: Predictor, X: np.ndarray,
+                                                  tmp_path: Path) -> None:
+    """predict(out=...) fills the caller's buffer; a float32 .npy is read as views of the
+    mapping and gives the same outputs as predict() on the rows in memory."""
+    x = np.ascontiguousarray(X[:1000], dtype=np.float32)
+    out = np.empty((len(x), pred.n_outputs), np.float32)
+    got = pred.predict(x, out=out)
+    assert got.outputs is out
+    np.testing.assert_array_equal(out, pred.predict(x).outputs)
+    with pytest.raises(InputError, match="out must be"):
+        pred.predict(x, out=np.empty((3, pred.n_outputs), np.float32))
+    np.save(tmp_path / "f32.npy", x)
+    reader = open_reader(str(tmp_path / "f32.npy"), row_shape=(10,), block_bytes=8192)
+    assert isinstance(reader, NpyReader) and reader.zero_copy
+    run(example_bundle, str(tmp_path / "f32.npy"), str(tmp_path / "o.npy"), threads=1, budget="8GiB")
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), out)
