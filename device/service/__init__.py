@@ -19,6 +19,7 @@ the old model keeps serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -42,6 +43,21 @@ def _reload_in_background(svc: Service) -> None:
             log.error("SIGHUP: kept %s %s: %s", svc.model.name, svc.model.version, e)
 
     threading.Thread(target=run, name="toma-edge-reload", daemon=True).start()
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (torch, ExecuTorch, the loaded model, the server) out
+    of the cyclic garbage collector's reach (:func:`gc.freeze`), after one full collection.
+
+    Without it, a full (generation 2) collection walks the ~180,000 objects that importing
+    torch leaves behind: 80-220 ms with the loop stopped, several times a second under load,
+    because the objects of the requests in flight keep being promoted; that was the full
+    service's p99 of 200-300 ms at 64 clients. Frozen objects are still freed by reference
+    counting; only cycles among them stay, and these are import-time objects that live as
+    long as the process anyway.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def serve(config: ServiceConfig) -> int:
@@ -78,6 +94,7 @@ def serve(config: ServiceConfig) -> int:
         t = threading.Thread(target=loop.run_forever, name="toma-edge-loop", daemon=True)
         t.start()
         svc.start(loop)
+        freeze_heap()
         stopped.wait()
         stop()
         loop.call_soon_threadsafe(loop.stop)
@@ -93,10 +110,14 @@ def serve(config: ServiceConfig) -> int:
             svc.begin_drain()  # /readyz says 503 at once
             super().handle_exit(sig, frame)
 
+    def startup(loop: asyncio.AbstractEventLoop) -> None:
+        svc.start(loop)
+        freeze_heap()  # the server's modules are imported by now
+
     host, port = svc.http_address
     sock = _listen(host, port)
     ucfg = uvicorn.Config(
-        make_app(svc, on_startup=svc.start, on_shutdown=stop), host=host, port=port,
+        make_app(svc, on_startup=startup, on_shutdown=stop), host=host, port=port,
         loop=_loop(), http=_http(), lifespan="on", access_log=False, log_level="warning",
         timeout_graceful_shutdown=int(config.drain_timeout_s), limit_concurrency=4096,
         backlog=2048, timeout_keep_alive=30,

@@ -11,7 +11,8 @@ Batches run on the server's asyncio loop, one at a time (an ExecuTorch method is
 reentrant, and one batch at a time keeps the memory of one batch): the requests decoded in
 one loop iteration (plus those of ``window_s`` seconds more while concurrent traffic is
 seen) are run together, as many whole requests as fit the Predictor's batch size (rows
-that fit the working memory budget). No thread hop per request: on a small device the
+that fit the working memory budget); one model call per loop iteration, so that each batch's
+answers go out before the next batch runs. No thread hop per request: on a small device the
 hand-over between threads costs more than a small model's call. While a batch runs, new
 requests wait in the sockets and form the next batch. Every request gets exactly its own rows'
 answers; rows of a batch never influence each other unless the manifest says
@@ -188,12 +189,20 @@ class MicroBatcher:
         return jobs
 
     def _flush(self) -> None:
-        self._scheduled = False
-        while self._q:
+        # One model call per loop iteration: the answers of this batch are written (their
+        # tasks resume) before the next batch runs. Draining the whole queue in one go
+        # held every answer back until the last batch was done: with one request per call
+        # (max_batch_rows=1, batch_dependent models) or a backlog of several batches, p99
+        # grew to the whole queue's model time.
+        if self._q:
             model = self.holder.current
             jobs = self._take(model)
             self._last_requests = len(jobs)
             self._call(model, jobs)
+        if self._q and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon(self._flush)
+        else:
+            self._scheduled = False
 
     def _call(self, model: ServedModel, jobs: list[_Job]) -> None:
         shape = model.row_shape
