@@ -260,21 +260,29 @@ def _build(
     cv_q: list[dict[str, float]] = []
     total_epochs = spec.epochs * (folds + 1)
     rep.phase("training", total=total_epochs)
+    # src.training: the arrays, or file-backed rows read through a budgeted loader (folds
+    # are subsets of it, scored by streaming; quantized CV calibrates on a bounded sample)
+    from .train import evaluate_data, loader_budget_bytes
+
+    data = src.training
     if folds:
-        for tr_idx, va_idx in kfold_indices(len(src.X_train), folds, seed=proj.train.seed, task=task, y=src.y_train):
+        labels = data.labels() if task == "classification" else None
+        for tr_idx, va_idx in kfold_indices(data.rows, folds, seed=proj.train.seed, task=task, y=labels):
             torch.manual_seed(proj.train.seed)
-            m = train_model(src.factory(), src.X_train[tr_idx], src.y_train[tr_idx], spec,
+            m = train_model(src.factory(), data.subset(tr_idx), None, spec,
                             progress=lambda *_: rep.advance(), memory=memory)
             net = _export_net(src, m)
-            Xv, yv = src.X_train[va_idx], src.y_train[va_idx]
-            cv_ref.append(evaluate(functools.partial(predict_numpy, net), Xv, yv, task, prefix="cv_"))
+            val = data.subset(va_idx)
+            cv_ref.append(evaluate_data(functools.partial(predict_numpy, net), val, task, prefix="cv_",
+                                         budget_bytes=loader_budget_bytes(memory)))
             if quant != "fp32":
-                qp = _predict_quantized(src, m, src.X_train[tr_idx], quant, max_batch, cal_batches)
-                cv_q.append(evaluate(qp, Xv, yv, task, prefix="cv_"))
+                X_cal = data.subset(tr_idx).calibration_rows(cal_batches * 32)
+                qp = _predict_quantized(src, m, X_cal, quant, max_batch, cal_batches)
+                cv_q.append(evaluate_data(qp, val, task, prefix="cv_", budget_bytes=loader_budget_bytes(memory)))
             else:
                 cv_q.append(cv_ref[-1])
     torch.manual_seed(proj.train.seed)
-    model = train_model(src.factory(), src.X_train, src.y_train, spec, progress=lambda *_: rep.advance(),
+    model = train_model(src.factory(), data, None, spec, progress=lambda *_: rep.advance(),
                         memory=memory)
     rep.done()
     net = _export_net(src, model)

@@ -6,6 +6,15 @@
     model = src.factory(); src.X_train.shape
 
 Checks what the user's callables return, with one-line errors naming the problem.
+
+The data callable may return file paths instead of arrays (str or Path; a relative path
+is taken from the project file's folder): X_train a .npy or CSV, y_train a path or an
+array, X_test/y_test paths or arrays. Then ``src.training`` is a file-backed
+:class:`~toma_edge.host.training_data.FileData` that the trainer and cross-validation
+read through a BudgetedLoader (validated here by one streamed pass, a bounded chunk at a
+time), ``src.X_train``/``src.y_train`` are a bounded in-memory sample of the training
+rows (at most 8192 rows and 64 MiB: the compression search, calibration and the export
+example use it), and the test split is read into memory (it is only reported).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..project import ProjectConfig, load_project
+from .training_data import ArrayData, FileData, TrainingData
 
 __all__ = ["ModelSource", "load_source", "import_callable", "builtin_project"]
 
@@ -38,10 +48,19 @@ class ModelSource:
     y_test: np.ndarray
     builtin: bool = False
     classes: list[str] = field(default_factory=list)
+    #: the rows to train on; None means the arrays X_train, y_train
+    training_data: TrainingData | None = None
 
     @property
     def task(self) -> str:
         return self.project.task
+
+    @property
+    def training(self) -> TrainingData:
+        """All training rows: the arrays, or the file-backed data X_train samples."""
+        if self.training_data is not None:
+            return self.training_data
+        return ArrayData(self.X_train, self.y_train, task=self.task)
 
 
 def import_callable(ref: str, root: Path, *, what: str) -> Callable[..., Any]:
@@ -93,7 +112,8 @@ def builtin_project() -> ProjectConfig:
 
 def _as_array(a: Any, name: str) -> np.ndarray:
     if isinstance(a, (str, Path)):
-        raise InputError(f"data: {name} is a path ({a}); return numpy arrays")
+        raise InputError(f"data: {name} is a path ({a}) but X_train is not; return paths "
+                         "for X_train (and any other) or arrays for all")
     try:
         arr = np.asarray(a)
     except Exception as e:
@@ -140,6 +160,63 @@ def _check_data(out: Any, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return X_tr.astype(np.float32), y_tr, X_te.astype(np.float32), y_te, n_classes
 
 
+def _is_path(a: Any) -> bool:
+    return isinstance(a, (str, Path))
+
+
+def _resolve(a: str | Path, root: Path, name: str) -> Path:
+    p = Path(a).expanduser()
+    p = p if p.is_absolute() else root / p
+    if not p.is_file():
+        raise InputError(f"data: {name} path {p} does not exist or is not a file")
+    if p.suffix.lower() not in (".npy", ".csv", ".txt"):
+        raise InputError(f"data: {name} path {p} is not a .npy or .csv file")
+    return p
+
+
+def _load_small(a: Any, root: Path, name: str) -> Any:
+    """A test-split (or target) path read into memory; arrays pass through."""
+    if not _is_path(a):
+        return a
+    from ..data_loading import open_source
+
+    src = open_source(_resolve(a, root, name))
+    return src.read(0, src.rows)
+
+
+def _open_training_files(raw: Any, task: str, root: Path) -> tuple[FileData, tuple[Any, ...]]:
+    """X_train as a file (y_train a path or an array), validated by one streamed pass."""
+    if not isinstance(raw, (tuple, list)) or len(raw) != 4:
+        _check_data(raw, task)  # the usual message about the 4-tuple
+    x_p = _resolve(raw[0], root, "X_train")
+    y = raw[1]
+    if _is_path(y):
+        y = _resolve(y, root, "y_train")
+    else:
+        y = _as_array(y, "y_train")
+    data = FileData.open(x_p, y, task=task)
+    if len(data.row_shape) < 1:
+        raise InputError(f"data: X_train ({x_p}) must have a row dimension and features")
+    if not np.issubdtype(data.x.dtype, np.number):
+        raise InputError(f"data: X_train ({x_p}) must be numeric, got dtype {data.x.dtype}")
+    if data.rows == 0:
+        raise InputError("data: the train split is empty")
+    row0 = 0
+    for xs, ys in data.scan():
+        if not np.isfinite(xs).all():
+            bad = row0 + int(np.argmin(np.isfinite(xs).reshape(len(xs), -1).all(axis=1)))
+            raise InputError(f"data: X_train ({x_p}) holds NaN or infinite values (row {bad + 1})")
+        if task == "regression" and not np.isfinite(ys.astype(np.float64)).all():
+            raise InputError("data: y_train holds NaN or infinite values")
+        if task == "classification":
+            yy = ys.reshape(-1) if ys.ndim > 1 and ys.shape[1:] == (1,) else ys
+            if yy.ndim != 1 or not np.all(np.equal(np.mod(yy, 1), 0)) or yy.min() < 0:
+                raise InputError("data: y_train must hold class indices 0..K-1 for classification")
+        row0 += len(xs)
+    Xs, ys_ = data.bounded_sample(seed=0)
+    return data, (Xs, ys_, _load_small(raw[2], root, "X_test"), _load_small(raw[3], root, "y_test"))
+
+
 def load_source(project_path: str | Path | None) -> ModelSource:
     """Resolve the built-in example (None) or a project file into a ModelSource."""
     if project_path is None:
@@ -157,7 +234,15 @@ def load_source(project_path: str | Path | None) -> ModelSource:
         raw = data_fn()
     except Exception as e:
         raise InputError(f"data '{proj.data}' raised {type(e).__name__}: {e}") from e
+    training: FileData | None = None
+    if isinstance(raw, (tuple, list)) and len(raw) == 4 and _is_path(raw[0]):
+        training, raw = _open_training_files(raw, proj.task, proj.root)
+    elif isinstance(raw, (tuple, list)) and len(raw) == 4:
+        raw = tuple(_load_small(a, proj.root, n) if i >= 2 else a
+                    for i, (a, n) in enumerate(zip(raw, ("X_train", "y_train", "X_test", "y_test"))))
     X_tr, y_tr, X_te, y_te, n_classes = _check_data(raw, proj.task)
+    if training is not None and proj.task == "classification":
+        n_classes = max(n_classes, int(training.labels().max()) + 1)
 
     def user_factory() -> nn.Module:
         try:
@@ -193,4 +278,5 @@ def load_source(project_path: str | Path | None) -> ModelSource:
     classes = list(proj.classes) if proj.classes else [str(i) for i in range(n_classes)]
     if proj.task == "classification" and len(classes) != n_classes:
         raise ConfigError(f"project: 'classes' names {len(classes)} classes but the model outputs {n_classes}")
-    return ModelSource(proj, user_factory, X_tr, y_tr, X_te, y_te, classes=classes)
+    return ModelSource(proj, user_factory, X_tr, y_tr, X_te, y_te, classes=classes,
+                       training_data=training)

@@ -6,17 +6,28 @@
     evaluate(lambda x: model(torch.from_numpy(x)).detach().numpy(), X_test, y_test, "regression")
 
 ``batch_size`` is the optimisation's batch: it never changes what is learned.
+
+``X`` may also be a :class:`~toma_edge.host.training_data.TrainingData` (then ``y`` is
+None): an in-memory one trains exactly as its arrays would; a file-backed one is read
+through a BudgetedLoader whose share of the training budget is :func:`loader_budget_bytes`
+(a quarter of what the budget leaves above the process's RSS when training starts, at
+most 256 MiB; 64 MiB without a training budget), and that share is taken off what one
+step may use. Cross-validation folds are ``data.subset(idx)``; :func:`evaluate_data`
+scores a fold by streaming it, so the metrics cover every row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .training_data import TrainingData
 
 __all__ = [
     "TrainSpec",
@@ -25,6 +36,8 @@ __all__ = [
     "ProgressFn",
     "train_model",
     "evaluate",
+    "evaluate_data",
+    "loader_budget_bytes",
     "kfold_indices",
     "predict_numpy",
     "loss_fn_for",
@@ -188,10 +201,37 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
         yield perm[i : i + batch_size]
 
 
+#: the loader's share of the training budget left above the process's RSS at the start
+LOADER_SHARE = 0.25
+LOADER_MAX_BYTES = 256 << 20
+LOADER_DEFAULT_BYTES = 64 << 20
+
+
+def loader_budget_bytes(memory: MemoryPolicy | None) -> int:
+    """Bytes a file-backed training loader may hold (chunks in flight and prefetched).
+
+    A quarter of what the training budget leaves above the process's RSS now, at most
+    256 MiB; 64 MiB when there is no training budget. BudgetError when nothing is left.
+    """
+    from ..budget import format_size
+    from ..errors import BudgetError
+    from ..probes import rss_bytes
+
+    if memory is None or memory.train_budget_bytes is None:
+        return LOADER_DEFAULT_BYTES
+    left = memory.train_budget_bytes - rss_bytes()
+    if left <= 0:
+        raise BudgetError(
+            f"the training budget {format_size(memory.train_budget_bytes)} is already used up "
+            f"before training starts (RSS {format_size(rss_bytes())}); raise --train-budget"
+        )
+    return int(min(LOADER_MAX_BYTES, left * LOADER_SHARE))
+
+
 def train_model(
     model: nn.Module,
-    X: np.ndarray,
-    y: np.ndarray,
+    X: np.ndarray | TrainingData,
+    y: np.ndarray | None,
     spec: TrainSpec,
     *,
     progress: ProgressFn | None = None,
@@ -205,7 +245,16 @@ def train_model(
     not fit is checkpointed and/or split into micro-batches (gradient accumulation), so
     ``spec.batch_size`` stays the optimisation's batch and what is learned does not
     change (up to float rounding; BatchNorm statistics excepted, with a warning).
+    ``X`` may be a TrainingData (``y`` None); a file-backed one never loads all its rows.
     """
+    from .training_data import ArrayData, TrainingData
+
+    if isinstance(X, ArrayData):
+        X, y = X.arrays()
+    elif isinstance(X, TrainingData):
+        return _train_from_loader(model, X, spec, progress=progress, memory=memory,
+                                  optimizer=optimizer, epochs=epochs)
+    assert y is not None, "train_model: y is None but X is an array"
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     xt = torch.as_tensor(np.asarray(X), dtype=torch.float32)
@@ -228,6 +277,51 @@ def train_model(
                 opt.step()
             else:
                 update(xb, yb)
+        if progress is not None:
+            progress(epoch + 1, n_epochs)
+    model.eval()
+    return model
+
+
+def _train_from_loader(
+    model: nn.Module,
+    data: TrainingData,
+    spec: TrainSpec,
+    *,
+    progress: ProgressFn | None,
+    memory: MemoryPolicy | None,
+    optimizer: torch.optim.Optimizer | None,
+    epochs: int | None,
+) -> nn.Module:
+    """train_model over a file-backed TrainingData: block-shuffled batches from a loader."""
+    torch.manual_seed(spec.seed)
+    loss_fn = loss_fn_for(spec.task)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    n_epochs = spec.epochs if epochs is None else epochs
+    loader = data.loader(spec.batch_size, budget_bytes=loader_budget_bytes(memory), seed=spec.seed)
+    model.train()
+    update: Update | None = None
+    if memory is not None and data.rows:
+        held = getattr(loader, "plan", None)
+        if memory.train_budget_bytes is not None and held is not None:
+            # what the loader may hold is not there yet when the first step is measured
+            memory = replace(memory, train_budget_bytes=memory.train_budget_bytes - held.in_flight_bytes)
+        xh, yh = data.head(min(spec.batch_size, data.rows))
+        update = fit_step_to_budget(model, loss_fn, opt, torch.as_tensor(xh, dtype=torch.float32),
+                                    _targets(yh, spec.task), memory)
+        del xh, yh
+    for epoch in range(n_epochs):
+        for xn, yn in loader:
+            xb = torch.as_tensor(xn, dtype=torch.float32)
+            yb = _targets(yn, spec.task)
+            if update is None:
+                opt.zero_grad(set_to_none=False)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+            else:
+                update(xb, yb)
+            del xb, yb, xn, yn
         if progress is not None:
             progress(epoch + 1, n_epochs)
     model.eval()
@@ -259,6 +353,44 @@ def evaluate(
             f"{prefix}r2": float(r2_score(yt, out)),
         }
     return {f"{prefix}accuracy": float(accuracy_score(np.asarray(y).reshape(-1), out.argmax(axis=1)))}
+
+
+def evaluate_data(
+    predict: Callable[[np.ndarray], np.ndarray], data: TrainingData, task: Task, *,
+    prefix: str = "", batch_size: int = 4096, budget_bytes: int = LOADER_DEFAULT_BYTES,
+) -> dict[str, float]:
+    """:func:`evaluate` over a TrainingData: in memory as before, a file-backed one streamed.
+
+    Streaming gives the same figures over every row: rmse and r2 (the mean over outputs,
+    as sklearn's uniform average) from running sums, accuracy from a running count.
+    """
+    from .training_data import ArrayData
+
+    if isinstance(data, ArrayData):
+        X, y = data.arrays()
+        return evaluate(predict, X, y, task, prefix=prefix)
+    n = correct = 0
+    sse = sy = syy = None
+    row_bytes = int(getattr(data, "row_bytes", 0)) or 1
+    batch_size = max(1, min(batch_size, budget_bytes // (16 * row_bytes)))  # 4 batches a chunk
+    for xb, yb in data.loader(batch_size, budget_bytes=budget_bytes, shuffle=False):
+        out = np.asarray(predict(np.asarray(xb, dtype=np.float32)))
+        n += len(out)
+        if task == "regression":
+            yt = np.asarray(yb, dtype=np.float64).reshape(out.shape)
+            e = ((yt - out) ** 2).sum(axis=0)
+            sse = e if sse is None else sse + e
+            sy = yt.sum(axis=0) if sy is None else sy + yt.sum(axis=0)
+            syy = (yt ** 2).sum(axis=0) if syy is None else syy + (yt ** 2).sum(axis=0)
+        else:
+            correct += int((out.argmax(axis=1) == np.asarray(yb).reshape(-1)).sum())
+    if task == "regression":
+        assert sse is not None and sy is not None and syy is not None and n
+        sst = syy - sy ** 2 / n
+        r2 = np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), 0.0)
+        return {f"{prefix}rmse": float(np.sqrt(sse.sum() / (n * len(sse)))),
+                f"{prefix}r2": float(r2.mean())}
+    return {f"{prefix}accuracy": correct / max(1, n)}
 
 
 def kfold_indices(n: int, folds: int, *, seed: int, task: Task, y: np.ndarray | None = None

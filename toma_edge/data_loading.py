@@ -65,6 +65,18 @@ class NpySource:
         del window
         return out
 
+    def read_rows(self, idx: np.ndarray, *, window_rows: int) -> np.ndarray:
+        """Rows at the sorted indices ``idx``, mapping at most ``window_rows`` rows at once."""
+        out = np.empty((len(idx), *self.row_shape), self.dtype)
+        for _k, a, b in _windows(idx, window_rows):
+            window = np.memmap(self.path, dtype=self.dtype, mode="r",
+                               offset=self.offset + int(idx[a]) * self.row_bytes,
+                               shape=(int(idx[b - 1] - idx[a]) + 1, *self.row_shape))
+            out[a:b] = window[idx[a:b] - idx[a]]
+            window._mmap.close()  # type: ignore[attr-defined]
+            del window
+        return out
+
 
 class CsvSource:
     """Rows of a numeric CSV file; the row index (byte offsets) is built once."""
@@ -95,7 +107,9 @@ class CsvSource:
         ncols = len(first.decode().strip().split(delimiter)) if first.strip() else 0
         self.row_shape: tuple[int, ...] = (ncols,)
         self.dtype = np.dtype(np.float32)
-        self.row_bytes = 4 * ncols
+        # the parsed float32 row plus its text, alive together while a chunk is parsed
+        text = int(self.offsets[-1] - self.offsets[0]) // max(1, self.rows)
+        self.row_bytes = 4 * ncols + text
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as float32 (a bad field raises InputError with its line)."""
@@ -104,16 +118,43 @@ class CsvSource:
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[start]))
             blob = f.read(int(self.offsets[stop] - self.offsets[start]))
+        return self._parse(blob, start, stop, stop - start)
+
+    def _parse(self, blob: bytes, start: int, stop: int, n: int) -> np.ndarray:
         lines = [ln for ln in blob.decode().splitlines() if ln.strip()]
         try:
-            out = np.array([[float(v) for v in ln.split(self.delimiter)] for ln in lines],
-                           dtype=np.float32)
+            out = np.loadtxt(lines, delimiter=self.delimiter, dtype=np.float32, ndmin=2)
         except ValueError as e:
             raise InputError(f"{self.path}: rows {start + 1}-{stop}: {e}") from e
-        if out.shape != (stop - start, *self.row_shape):
+        if out.shape != (n, *self.row_shape):
             raise InputError(f"{self.path}: rows {start + 1}-{stop} do not all have "
                              f"{self.row_shape[0]} columns")
         return out
+
+    def read_rows(self, idx: np.ndarray, *, window_rows: int) -> np.ndarray:
+        """Rows at the sorted indices ``idx``, reading at most ``window_rows`` rows at once."""
+        out = np.empty((len(idx), *self.row_shape), np.float32)
+        with open(self.path, "rb") as f:
+            for _k, a, b in _windows(idx, window_rows):
+                lo, hi = int(idx[a]), int(idx[b - 1]) + 1
+                f.seek(int(self.offsets[lo]))
+                blob = f.read(int(self.offsets[hi] - self.offsets[lo]))
+                starts = self.offsets[idx[a:b]] - self.offsets[lo]
+                ends = self.offsets[idx[a:b] + 1] - self.offsets[lo]
+                picked = b"".join(blob[int(s0):int(e0)] for s0, e0 in zip(starts, ends))
+                del blob
+                out[a:b] = self._parse(picked, lo, hi, b - a)
+        return out
+
+
+def _windows(idx: np.ndarray, window_rows: int) -> Iterator[tuple[int, int, int]]:
+    """Split sorted ``idx`` into runs whose row span is at most ``window_rows``: (k, a, b)."""
+    a, k, n = 0, 0, len(idx)
+    while a < n:
+        b = int(np.searchsorted(idx, idx[a] + max(1, window_rows), side="left"))
+        b = max(b, a + 1)
+        yield k, a, b
+        a, k = b, k + 1
 
 
 Source = NpySource | CsvSource
@@ -176,7 +217,9 @@ class BudgetedLoader:
     ``x``/``y``: row sources (:func:`open_source`) of equal length, or ``target_columns``
     to split one source (e.g. a CSV whose last column is the target). ``budget_bytes``:
     bytes the loader may hold. ``shuffle``: a new chunk order and row order every epoch
-    from ``seed`` + epoch. ``drop_last``: drop a short last batch.
+    from ``seed`` + epoch. ``drop_last``: drop a short last batch. ``indices``: serve only
+    these rows (e.g. a cross-validation fold; sorted and de-duplicated here), read in
+    windows of at most one chunk's row span, so a sparse subset never maps more.
     """
 
     def __init__(
@@ -191,9 +234,16 @@ class BudgetedLoader:
         target_columns: Sequence[int] | None = None,
         drop_last: bool = False,
         max_prefetch: int = 4,
+        indices: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if y is not None and y.rows != x.rows:
             raise InputError(f"x has {x.rows} rows but y has {y.rows}")
+        self.indices: np.ndarray | None = None
+        if indices is not None:
+            idx = np.unique(np.asarray(indices, dtype=np.int64))
+            if len(idx) and (idx[0] < 0 or idx[-1] >= x.rows):
+                raise InputError(f"indices must lie in [0, {x.rows}), got {idx[0]}..{idx[-1]}")
+            self.indices = idx
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.x, self.y = x, y
@@ -217,7 +267,7 @@ class BudgetedLoader:
     @property
     def rows(self) -> int:
         """Rows per epoch."""
-        return self.x.rows
+        return self.x.rows if self.indices is None else len(self.indices)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -233,8 +283,13 @@ class BudgetedLoader:
 
     def _read(self, a: int, b: int, rng: np.random.Generator | None
               ) -> tuple[np.ndarray, np.ndarray | None]:
-        xs = self.x.read(a, b)
-        ys = self.y.read(a, b) if self.y is not None else None
+        if self.indices is None:
+            xs = self.x.read(a, b)
+            ys = self.y.read(a, b) if self.y is not None else None
+        else:  # positions [a, b) of the subset
+            w = self.plan.chunk_rows
+            xs = self.x.read_rows(self.indices[a:b], window_rows=w)
+            ys = self.y.read_rows(self.indices[a:b], window_rows=w) if self.y is not None else None
         if self.target_columns is not None:
             cols = np.zeros(xs.shape[1], dtype=bool)
             cols[self.target_columns] = True
