@@ -357,7 +357,7 @@ def _build(
             ref_metrics=ref_metrics, shipped_metrics=shipped_metrics, measured=meas,
             build_info={"verify_max_abs_diff": verify_diff,
                         "train": proj.train.model_dump(mode="json"),
-                        "data": {"train_rows": int(len(src.X_train)), "test_rows": int(len(src.X_test)),
+                        "data": {"train_rows": int(src.training.rows), "test_rows": int(len(src.X_test)),
                                  "builtin_example": src.builtin}})
         from .plots import write_plots
 

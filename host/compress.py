@@ -253,8 +253,11 @@ def choose(candidates: Iterable[Candidate], *, tolerance: float, target: str = "
             f"no compression variant fits {target}: the closest, {closest.label}, misses: {closest.miss}; "
             "allow more compression (compress.quantize: auto, compress.prune: auto) or relax the budget"
         )
-    best = max(c.value for c in fitting)
-    good = [c for c in fitting if c.value >= best - tolerance - 1e-12]
+    scored = [c for c in fitting if not math.isnan(c.value)]
+    if not scored:  # nothing was scored (a single variant without cross-validation)
+        return min(fitting, key=lambda c: c.pte_bytes)
+    best = max(c.value for c in scored)
+    good = [c for c in scored if c.value >= best - tolerance - 1e-12]
     return min(good, key=lambda c: (c.pte_bytes, -c.value))
 
 

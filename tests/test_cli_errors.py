@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,13 @@ def test_inspect_verifies_hashes(example_bundle: Path, copy_bundle) -> None:  # 
     (bad / "model.pte").write_bytes(bytes(data))
     r = _invoke(["inspect", str(bad)])
     assert r.exit_code == 2 and "sha256 mismatch for model.pte" in r.output
+
+
+def test_tiny_project_without_cross_validation_builds(tmp_path: Path) -> None:
+    proj = _project(tmp_path, TINY, {"tiny_model.py": TINY_MODEL, "tiny_data.py": TINY_DATA})
+    out = tmp_path / "out"
+    r = _invoke(["build", "--target", "rpi", "--project", str(proj), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["build"]["data"]["train_rows"] == 48
+    assert "cv_r2" not in m["metrics"]["shipped"] and "test_r2" in m["metrics"]["shipped"]
