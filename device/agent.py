@@ -92,45 +92,49 @@ class RequestWindow:
 
     def record(self, latency_s: float, rows: int, *, error: bool = False) -> None:
         """Count one request of ``rows`` rows that took ``latency_s`` seconds."""
+        # called once per request on the service's loop: keep it to a few operations
         with self._lock:
             self._requests += 1
-            self._rows += max(0, int(rows))
+            if rows > 0:
+                self._rows += rows
             if error:
                 self._errors += 1
-            lat = float(latency_s)
-            if not lat >= 0.0:  # negative or NaN: count the request, not its latency
+            if not latency_s >= 0.0:  # negative or NaN: count the request, not its latency
                 return
-            self._max_lat = max(self._max_lat, lat)
+            if latency_s > self._max_lat:
+                self._max_lat = latency_s
             self._seen += 1
             if len(self._lat) < self._max:
-                self._lat.append(lat)
+                self._lat.append(latency_s)
             else:
                 j = random.randrange(self._seen)
                 if j < self._max:
-                    self._lat[j] = lat
+                    self._lat[j] = latency_s
 
     def snapshot(self) -> dict[str, Any]:
         """Close the window: its :class:`TelemetryMessage` fields, then start a new one."""
         now = time.time()
-        with self._lock:
-            lat = sorted(self._lat)
-            window_s = max(0.0, now - self._start)
-            out: dict[str, Any] = {
-                "window_s": window_s,
-                "requests": self._requests,
-                "errors": self._errors,
-                "rows": self._rows,
-                "throughput_rps": self._requests / window_s if window_s > 0 else 0.0,
-                "rows_per_s": self._rows / window_s if window_s > 0 else 0.0,
-            }
-            if lat:
-                out.update(
-                    latency_p50_s=_quantile(lat, 0.50),
-                    latency_p95_s=_quantile(lat, 0.95),
-                    latency_p99_s=_quantile(lat, 0.99),
-                    latency_max_s=self._max_lat,
-                )
+        with self._lock:  # take the window and start a new one; the work happens outside
+            lat, start, requests = self._lat, self._start, self._requests
+            errors, rows, max_lat = self._errors, self._rows, self._max_lat
             self._reset(now)
+        lat.sort()
+        window_s = max(0.0, now - start)
+        out: dict[str, Any] = {
+            "window_s": window_s,
+            "requests": requests,
+            "errors": errors,
+            "rows": rows,
+            "throughput_rps": requests / window_s if window_s > 0 else 0.0,
+            "rows_per_s": rows / window_s if window_s > 0 else 0.0,
+        }
+        if lat:
+            out.update(
+                latency_p50_s=_quantile(lat, 0.50),
+                latency_p95_s=_quantile(lat, 0.95),
+                latency_p99_s=_quantile(lat, 0.99),
+                latency_max_s=max_lat,
+            )
         return out
 
 
