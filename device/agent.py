@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .._validation import describe_validation_error
 from ..errors import TelemetryError
 from ..telemetry import (
     EventMessage,
@@ -367,10 +368,7 @@ class TelemetryAgent:
         try:  # validate before taking a seq
             EventMessage(seq=1, ts=time.time(), kind=kind, fields=fields)
         except ValidationError as e:
-            err = e.errors()[0]
-            raise TelemetryError(
-                f"event {kind!r} is invalid: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-            ) from e
+            raise TelemetryError(f"event {kind!r} is invalid: {describe_validation_error(e)}") from e
         seq = self._spool.put(
             "events", self._topics["events"],
             lambda s: EventMessage(seq=s, ts=time.time(), kind=kind, fields=fields).encode(),
@@ -418,10 +416,7 @@ class TelemetryAgent:
         try:
             TelemetryMessage(seq=1, ts=now, **fields)
         except ValidationError as e:
-            err = e.errors()[0]
-            raise TelemetryError(
-                f"telemetry field {'.'.join(map(str, err['loc']))} is invalid: {err['msg']}"
-            ) from e
+            raise TelemetryError(f"telemetry is invalid: {describe_validation_error(e)}") from e
         seq = self._spool.put(
             "telemetry", self._topics["telemetry"],
             lambda s: TelemetryMessage(seq=s, ts=now, **fields).encode(),
