@@ -511,20 +511,28 @@ def plot_memory_log(
     if budget_bytes:
         ax.axhline(budget_bytes / mib, color="tab:red", ls="--", lw=1,
                    label=f"budget {budget_bytes / mib:.0f} MiB")
-    # shade labelled phases
+    # shade labelled phases, alternating so short neighbours stay apart; names run
+    # upwards from the bottom of each phase so they never overlap
     start = 0
+    phase = 0
+    low = min(rss) if rss else 0.0
+    span = (t[-1] - t[0]) if len(t) > 1 else 1.0
+    next_x = float("-inf")  # phases that begin together get their names side by side
     for i in range(1, len(rows) + 1):
         if i == len(rows) or rows[i].get("label", "") != rows[start].get("label", ""):
             label = rows[start].get("label", "")
             if label and t:
-                ax.axvspan(t[start], t[i - 1], alpha=0.12, color="tab:gray")
-                ax.text(t[start], max(rss) * 1.01 if rss else 0, label, fontsize=7,
-                        va="bottom")
+                ax.axvspan(t[start], t[i - 1], alpha=0.10 if phase % 2 else 0.22,
+                           color="tab:gray", lw=0)
+                x = max(t[start], next_x)
+                ax.text(x, low, " " + label, fontsize=7, rotation=90, va="bottom", ha="left")
+                next_x = x + 0.025 * span
+                phase += 1
             start = i
     ax.set_xlabel("time (s)")
     ax.set_ylabel("MiB")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(png_path)
