@@ -129,3 +129,14 @@ def test_tiny_project_without_cross_validation_builds(tmp_path: Path) -> None:
     m = json.loads((out / "manifest.json").read_text())
     assert m["build"]["data"]["train_rows"] == 48
     assert "cv_r2" not in m["metrics"]["shipped"] and "test_r2" in m["metrics"]["shipped"]
+
+
+def test_impossible_latency_budget_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    proj = _project(tmp_path, TINY, {"tiny_model.py": TINY_MODEL, "tiny_data.py": TINY_DATA})
+    out = tmp_path / "out"
+    r = _invoke(["build", "--target", "rpi", "--project", str(proj), "--out", str(out),
+                 "--latency-budget", "0.000001"])
+    assert r.exit_code == 2, r.output
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "latency" in err[0], r.output
+    assert not out.exists()
