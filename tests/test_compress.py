@@ -156,3 +156,18 @@ def test_compress_command_over_a_saved_state_dict(tmp_path: Path) -> None:
 
     bad = CliRunner().invoke(main, ["compress", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert bad.exit_code == 2 and "no such model file" in bad.output
+
+
+@pytest.mark.slow
+def test_fixed_prune_ratio_ships_a_smaller_pruned_program(tmp_path: Path, example_bundle: Path) -> None:
+    from toma_edge.host.build import build
+
+    res = build(target="rpi", project=_project(tmp_path, "int8", prune=0.5, epochs=10),
+                out=tmp_path / "p")
+    m = res.manifest
+    assert m["compression"] == {"quantization": "int8", "prune": 0.5}
+    assert m["shipped"] == "int8"
+    unpruned = json.loads((example_bundle / "manifest.json").read_text())
+    # half the hidden neurons gone: the program really is smaller, and it still predicts
+    assert m["memory"]["pte_bytes"] < unpruned["memory"]["pte_bytes"]
+    assert m["metrics"]["shipped"]["test_r2"] > 0.9
