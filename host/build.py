@@ -36,7 +36,7 @@ from ..errors import BudgetError, BundleError
 from ..manifest import SCHEMA_VERSION, Manifest, sha256_file
 from ..profiles import TargetProfile, load_profile
 from .export import ExportResult, Quantization, WithSoftmax, export_program
-from .source import ModelSource, load_source
+from .source import ModelSource, load_source, with_target_defaults
 from .train import MemoryPolicy, TrainSpec, evaluate, kfold_indices, predict_numpy, train_model
 
 __all__ = ["BuildResult", "build", "Reporter"]
@@ -241,6 +241,7 @@ def _build(
     out_dir = Path(out) if out is not None else Path("dist") / profile.name
     storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
     src = load_source(project)
+    src.project = with_target_defaults(src.project, profile)
     proj = src.project
     task = proj.task
     max_batch = proj.export.max_batch

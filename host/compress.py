@@ -512,7 +512,7 @@ def compress_saved(
         summary_lines,
     )
     from .plots import write_plots
-    from .source import load_source
+    from .source import load_source, with_target_defaults
     from .train import predict_numpy
 
     t0 = time.perf_counter()
@@ -520,6 +520,7 @@ def compress_saved(
     out_dir = Path(out) if out is not None else Path("dist") / profile.name
     storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
     src = load_source(project)
+    src.project = with_target_defaults(src.project, profile)
     proj = src.project
     task: Task = proj.task
     max_batch = proj.export.max_batch

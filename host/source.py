@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..profiles import TargetProfile
 from ..project import ProjectConfig, load_project
 from .training_data import ArrayData, FileData, TrainingData
 
@@ -98,15 +99,15 @@ def _forget_foreign_module(top: str, root: Path) -> None:
 
 
 def builtin_project() -> ProjectConfig:
-    """The built-in example as a project: 100 epochs, batch 32, 5 folds, int8."""
+    """The built-in example as a project: 100 epochs, batch 32, 5 folds; quantization and
+    max batch from the target profile (int8 and 256 for rpi4)."""
     return ProjectConfig.model_validate({
         "name": "seed-regression",
         "task": "regression",
         "model": "toma_edge.host.example:ExampleRegressor",
         "data": "toma_edge.host.example:make_data",
         "train": {"epochs": 100, "lr": 1e-3, "batch_size": 32, "folds": 5, "seed": 0},
-        "compress": {"quantize": "int8", "prune": 0.0},
-        "export": {"max_batch": 256},
+        "compress": {"prune": 0.0},
     })
 
 
@@ -215,6 +216,19 @@ def _open_training_files(raw: Any, task: str, root: Path) -> tuple[FileData, tup
         row0 += len(xs)
     Xs, ys_ = data.bounded_sample(seed=0)
     return data, (Xs, ys_, _load_small(raw[2], root, "X_test"), _load_small(raw[3], root, "y_test"))
+
+
+def with_target_defaults(proj: ProjectConfig, profile: TargetProfile) -> ProjectConfig:
+    """What the project file leaves unset comes from the target's export preferences:
+    ``compress.quantize`` and ``export.max_batch``."""
+    update: dict[str, Any] = {}
+    if "max_batch" not in proj.export.model_fields_set:
+        update["export"] = proj.export.model_copy(update={"max_batch": profile.export.max_batch})
+    if "quantize" not in proj.compress.model_fields_set:
+        pref = profile.export.quantization
+        update["compress"] = proj.compress.model_copy(
+            update={"quantize": "none" if pref == "fp32" else pref})
+    return proj.model_copy(update=update) if update else proj
 
 
 def load_source(project_path: str | Path | None) -> ModelSource:

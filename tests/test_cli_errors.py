@@ -140,3 +140,17 @@ def test_impossible_latency_budget_is_one_line_and_writes_nothing(tmp_path: Path
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "latency" in err[0], r.output
     assert not out.exists()
+
+
+def test_unset_export_and_quantize_come_from_the_target() -> None:
+    from toma_edge import load_profile
+    from toma_edge.host.source import builtin_project, with_target_defaults
+    from toma_edge.project import load_project
+
+    zero = load_profile("rpi-zero-2w")
+    p = with_target_defaults(builtin_project(), zero)
+    assert (p.export.max_batch, p.compress.quantize) == (zero.export.max_batch, "int8")
+    assert with_target_defaults(builtin_project(), load_profile("rpi")).export.max_batch == 256
+    # what a project file sets stays as it is
+    digits = load_project(Path(__file__).parent.parent / "examples" / "digits" / "toma-edge.yaml")
+    assert with_target_defaults(digits, zero).export.max_batch == 128
