@@ -124,3 +124,43 @@ def test_mqtt_requests_answers_errors_and_telemetry(
         for c in (watch, app, old):
             c.loop_stop()
             c.disconnect()
+
+
+def test_serve_over_tls_with_a_password_file(
+        mqtt_broker: Broker, example_bundle: Path, tmp_path: Path) -> None:
+    from toma_edge.telemetry import PASSWORD_ENV
+
+    dev = "dev-8"
+    base = f"toma-edge/v1/{FLEET}/{dev}"
+    pw = tmp_path / "mqtt-password"
+    pw.write_text(password_for(dev) + "\n")
+    env = mqtt_broker.env(dev)
+    env.pop(PASSWORD_ENV, None)  # only the file gives the password
+    env["OMP_NUM_THREADS"] = "1"
+    svc = ServiceProc(tmp_path / "serve.log", env=env, args=[
+        str(example_bundle), "--http", "off", "--mqtt", mqtt_broker.url(dev, tls=True),
+        "--ca-file", str(mqtt_broker.ca_file), "--password-file", str(pw), "--fleet", FLEET,
+        "--device-id", dev, "--spool", str(tmp_path / "spool.db"), "--threads", "1"])
+    app, answers = _client(mqtt_broker, "client-app")
+    try:
+        resp = f"{base}/infer/response/client-app/tls"
+        app.subscribe(resp, qos=1)
+        deadline = time.monotonic() + 20
+        while "taking inference requests" not in svc.tail():
+            assert time.monotonic() < deadline, svc.tail()
+            time.sleep(0.1)
+        time.sleep(0.3)
+        rows = np.random.default_rng(8).random((2, 10)).astype(np.float32)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = resp
+        props.CorrelationData = b"tls-1"
+        app.publish(f"{base}/infer/request", json.dumps({"inputs": rows.tolist()}).encode(),
+                    qos=1, properties=props)
+        msg = answers.get(timeout=20)
+        assert msg.properties.CorrelationData == b"tls-1"
+        got = np.asarray(json.loads(msg.payload)["outputs"], dtype=np.float32)
+        np.testing.assert_allclose(got, offline(example_bundle, rows), atol=1e-5)
+    finally:
+        app.loop_stop()
+        app.disconnect()
+        svc.stop()

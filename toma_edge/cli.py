@@ -188,10 +188,15 @@ def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
 @click.option("--spool", type=click.Path(dir_okay=False), default=None, help="Telemetry spool file [default: ~/.local/state/toma-edge/<fleet>-<device>.spool.db].")
 @click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False), default=None, help="File with the bearer token that POST /v1/model needs (off without it).")
 @click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): serve only bundles it signed.")
+@click.option("--password-file", type=click.Path(dir_okay=False), default=None, help="File with the MQTT password [default: $TOMA_EDGE_MQTT_PASSWORD]; never on the command line.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None, help="CA certificate (PEM) of an mqtts:// broker [default: the system's CAs].")
+@click.option("--cert-file", type=click.Path(dir_okay=False), default=None, help="Client certificate (PEM), where the broker asks for one.")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Private key (PEM) of --cert-file.")
 @handle_errors
 def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet: str,
           budget: str | None, threads: int | None, telemetry_interval: float, spool: str | None,
-          admin_token_file: str | None, trust_key: str | None) -> None:
+          admin_token_file: str | None, trust_key: str | None, password_file: str | None,
+          ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
     """Serve a bundle over HTTP (and MQTT) until SIGTERM; SIGHUP reloads BUNDLE."""
     from .device.service import ServiceConfig
     from .device.service import serve as run_service
@@ -200,7 +205,8 @@ def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet
         bundle=bundle, http=None if http.lower() in ("off", "none", "") else http, mqtt=mqtt,
         device_id=device_id, fleet=fleet, budget=budget, threads=threads,
         telemetry_interval_s=telemetry_interval, spool=spool,
-        admin_token_file=admin_token_file, trust_key=trust_key,
+        admin_token_file=admin_token_file, trust_key=trust_key, mqtt_password_file=password_file,
+        mqtt_ca_file=ca_file, mqtt_cert_file=cert_file, mqtt_key_file=key_file,
     )
     sys.exit(run_service(cfg))
 

@@ -51,7 +51,9 @@ class ServiceConfig:
     request body (bytes). ``max_batch_rows``: rows per model call at most (None: what
     fits the budget; 1 turns micro-batching off). ``max_upload_bytes``: largest bundle
     archive POST /v1/model takes. ``drain_timeout_s``: how long SIGTERM waits for
-    requests in flight.
+    requests in flight. ``mqtt_password_file``, ``mqtt_ca_file``, ``mqtt_cert_file``,
+    ``mqtt_key_file``: the broker password (else $TOMA_EDGE_MQTT_PASSWORD), the CA of an
+    ``mqtts://`` broker and an optional client certificate and key (PEM).
     """
 
     bundle: str
@@ -65,6 +67,10 @@ class ServiceConfig:
     spool: str | None = None
     admin_token_file: str | None = None
     trust_key: str | None = None
+    mqtt_password_file: str | None = None
+    mqtt_ca_file: str | None = None
+    mqtt_cert_file: str | None = None
+    mqtt_key_file: str | None = None
     window_s: float = 0.0
     max_queue_rows: int | None = None
     max_body_bytes: int = 4 << 20
@@ -121,7 +127,10 @@ class Service:
         self.device_id = validate_id(config.device_id or socket.gethostname().split(".")[0],
                                      what="device id (pass --device-id)")
         self.admin_token = read_token(config.admin_token_file) if config.admin_token_file else None
-        self.mqtt_settings = mqtt_settings(config.mqtt) if config.mqtt else None
+        self.mqtt_settings = mqtt_settings(
+            config.mqtt, password_file=config.mqtt_password_file, ca_file=config.mqtt_ca_file,
+            cert_file=config.mqtt_cert_file, key_file=config.mqtt_key_file,
+        ) if config.mqtt else None
         if config.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {config.max_body_bytes}")
         self.metrics = ServiceMetrics()
