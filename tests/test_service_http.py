@@ -294,6 +294,12 @@ def test_model_update_over_http_swaps_without_a_failed_request(
         s, _, b = svc.request("POST", "/v1/model", good.read_bytes(), auth)
         assert s == 200, b
         assert json.loads(b)["model"]["version"] == "v2-http"
+        # served from `current`: the upload became a release and `current` points at it,
+        # so a restart serves the same model
+        kept = Path(json.loads(b)["persisted"])
+        assert kept.parent == releases / "releases" and kept.name == "v2-http"
+        assert (releases / "current").resolve() == kept.resolve()
+        assert (kept / "manifest.json").read_bytes() == (v2 / "manifest.json").read_bytes()
         time.sleep(0.3)
     finally:
         stop.set()

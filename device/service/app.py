@@ -231,6 +231,45 @@ class Service:
                 self.agent.event("model_refused", source=str(source), error=str(e)[:500])
             raise
 
+    def persist_upload(self, archive: str | Path, model: ServedModel) -> str | None:
+        """Keep an uploaded bundle that went live across restarts.
+
+        When the service was started on a ``current`` symlink (the install layout:
+        ``releases/<version>`` and ``current``), the archive is unpacked and verified as a
+        new release beside the one ``current`` points at, and ``current`` is switched to
+        it atomically, so a restart or SIGHUP serves the same model. Returns the release
+        folder, or None when the bundle path is not a symlink (nothing to switch).
+        """
+        import os
+        import re
+        import shutil
+
+        from ...bundle import extract_archive, verify_bundle
+
+        link = Path(self.config.bundle)
+        if not link.is_symlink():
+            return None
+        releases = link.resolve().parent
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", model.version) or "upload"
+        dest = releases / name
+        if dest.exists():
+            dest = releases / f"{name}-{model.sha256[:12]}"
+        tmp = releases / f".upload-{os.getpid()}-{name}"
+        try:
+            if not dest.exists():
+                extract_archive(archive, tmp)
+                verify_bundle(tmp, trust_key=self.config.trust_key)
+                tmp.rename(dest)
+            target = os.path.relpath(dest, link.parent) if not os.path.isabs(os.readlink(link)) else str(dest)
+            new_link = link.with_name(f".{link.name}.new-{os.getpid()}")
+            new_link.unlink(missing_ok=True)
+            new_link.symlink_to(target)
+            os.replace(new_link, link)  # atomic: `current` always names a whole release
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("uploaded bundle kept as %s; %s -> %s", dest, link, dest.name)
+        return str(dest)
+
     def reload(self) -> ServedModel:
         """Read the bundle path given at start again (SIGHUP; suits a ``current`` symlink)."""
         return self.update(self.config.bundle)

@@ -178,15 +178,21 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             del body
-            new = await asyncio.to_thread(svc.update, path)
-        except SwapInProgress as e:
-            return _error(409, str(e))
-        except TomaEdgeError as e:
-            return _error(422, f"bundle refused, still serving {svc.model.name} "
-                               f"{svc.model.version}: {e}")
+            try:
+                new = await asyncio.to_thread(svc.update, path)
+            except SwapInProgress as e:
+                return _error(409, str(e))
+            except TomaEdgeError as e:
+                return _error(422, f"bundle refused, still serving {svc.model.name} "
+                                   f"{svc.model.version}: {e}")
+            try:  # serving already: keeping it for restarts must not undo the swap
+                kept = await asyncio.to_thread(svc.persist_upload, path, new)
+            except (OSError, TomaEdgeError) as e:
+                log.error("uploaded bundle serves but was not kept for restarts: %s", e)
+                kept = None
         finally:
             os.unlink(path)
-        return Response(json.dumps({"model": new.describe()}), media_type=JSON)
+        return Response(json.dumps({"model": new.describe(), "persisted": kept}), media_type=JSON)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
