@@ -218,3 +218,31 @@ def test_path_project_loads_lazily(tmp_path: Path) -> None:
     src = load_source(_write_project(tmp_path, train_rows=200))
     assert isinstance(src.training, FileData) and src.training.rows == 200
     assert len(src.X_train) == 200 and src.X_test.shape == (16, FEATURES)
+
+
+def test_build_from_csv_files_end_to_end(tmp_path: Path) -> None:
+    """CSV training and test files (with a header) through the whole build, in process."""
+    from toma_edge.host.build import build
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(8).astype(np.float32)
+    for name, n in (("train", 600), ("test", 150)):
+        X = rng.random((n, 8), dtype=np.float32)
+        np.savetxt(tmp_path / f"X_{name}.csv", X, delimiter=",", fmt="%.6f",
+                   header=",".join(f"f{i}" for i in range(8)), comments="")
+        np.savetxt(tmp_path / f"y_{name}.csv", X @ w, fmt="%.6f", header="y", comments="")
+    (tmp_path / "csvmodel.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))\n")
+    (tmp_path / "csvdata.py").write_text(
+        "def load():\n    return 'X_train.csv', 'y_train.csv', 'X_test.csv', 'y_test.csv'\n")
+    (tmp_path / "toma-edge.yaml").write_text(
+        "name: csv-files\ntask: regression\nmodel: csvmodel:build\ndata: csvdata:load\n"
+        "train: {epochs: 30, lr: 0.01, batch_size: 32, folds: 2}\n"
+        "compress: {quantize: int8, prune: 0.0}\nexport: {max_batch: 32}\n")
+    res = build(target="rpi", project=tmp_path / "toma-edge.yaml", out=tmp_path / "b")
+    m = res.manifest
+    assert m["inputs"][0]["shape"] == [-1, 8]
+    assert m["build"]["data"]["train_rows"] == 600
+    assert {"cv_r2", "test_r2"} <= set(m["metrics"]["reference"])
+    assert m["metrics"]["shipped"]["test_r2"] > 0.9

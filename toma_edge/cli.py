@@ -112,7 +112,7 @@ class _RichReporter:
         if not self.console.is_terminal:
             self.console.print(f"{name}...")
             return
-        cols: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+        cols: list[Any] = [SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}")]
         if total:
             cols += [BarColumn(), MofNCompleteColumn()]
         cols.append(TimeElapsedColumn())
@@ -125,6 +125,14 @@ class _RichReporter:
             self._progress.advance(self._task, n)
 
     def done(self) -> None:
+        if self._progress is not None:
+            task = self._progress.tasks[0]
+            self._progress.update(self._task, total=task.total or 1, completed=task.total or 1)
+            self._progress.stop()
+            self._progress = None
+
+    def stop(self) -> None:
+        """Stop the display as it is (after a failure)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -156,8 +164,10 @@ def build(target: str, project: str | None, out: str | None, storage_budget: str
                         latency_budget_ms=latency_budget, train_budget=train_budget,
                         memory_log=memory_log, sign_key=sign_key, archive=archive,
                         reporter=rep)  # type: ignore[arg-type]
-    finally:
-        rep.done()
+    except BaseException:
+        rep.stop()  # the phase that failed is not marked done
+        raise
+    rep.done()
     for line in res.summary:
         click.echo(line)
     click.echo(f"bundle: {res.out}" + (f" (archive {res.archive})" if res.archive else ""))
