@@ -189,3 +189,19 @@ def test_spool_error_is_one_line(tmp_path: Path) -> None:
     bad.write_bytes(b"not sqlite" * 100)
     with pytest.raises(TelemetryError):
         Spool(bad)
+
+
+def test_fleet_status_p99_comes_from_the_last_window_that_served(tmp_path: Path) -> None:
+    from toma_edge.host.fleet.store import FleetStore, Record
+
+    store = FleetStore(tmp_path / "f.db")
+    t0 = time.time()
+    busy = TelemetryMessage(seq=1, ts=t0, window_s=1.0, requests=50,
+                            latency_p50_s=0.001, latency_p95_s=0.002, latency_p99_s=0.004,
+                            latency_max_s=0.005)
+    idle = TelemetryMessage(seq=2, ts=t0 + 1, window_s=1.0, requests=0)
+    store.write_batch([Record("f", "d", busy, t0), Record("f", "d", idle, t0 + 1)])
+    (row,) = store.devices()
+    assert row.latency_p99_s == 0.004  # not the idle last window's "no latency"
+    assert row.requests == 50
+    store.close()

@@ -233,8 +233,9 @@ class FleetStore:
     def devices(self, *, error_window_s: float = 3600.0) -> list[DeviceRow]:
         """One row per device seen (status or telemetry), sorted by fleet and id.
 
-        p99 latency and memory come from the device's last telemetry window; the error
-        rate counts the windows of the last ``error_window_s`` seconds before it.
+        Memory comes from the device's last telemetry window; p99 latency from its last
+        window that served requests within ``error_window_s`` seconds of it (an idle last
+        window has no latency to show); the error rate counts those seconds' windows.
         """
         keys = self._db.execute(
             "SELECT fleet, device_id FROM status UNION SELECT fleet, device_id FROM telemetry "
@@ -249,7 +250,13 @@ class FleetStore:
                 "model_version, received_at FROM telemetry WHERE fleet = ? AND device_id = ? "
                 "ORDER BY seq DESC LIMIT 1", (fleet, dev)).fetchone()
             n, req, err = 0, 0, 0
+            p99 = None
             if last is not None:
+                row = self._db.execute(
+                    "SELECT latency_p99_s FROM telemetry WHERE fleet = ? AND device_id = ? "
+                    "AND latency_p99_s IS NOT NULL AND ts >= ? ORDER BY seq DESC LIMIT 1",
+                    (fleet, dev, last[0] - error_window_s)).fetchone()
+                p99 = row[0] if row else None
                 n, req, err = self._db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(requests), 0), COALESCE(SUM(errors), 0) "
                     "FROM telemetry WHERE fleet = ? AND device_id = ? AND ts >= ?",
@@ -265,7 +272,7 @@ class FleetStore:
                 model_version=(last[6] if last and last[6] else (st[2] if st else None)),
                 target=st[3] if st else None,
                 last_seen=max(seen) if seen else None,
-                latency_p99_s=last[1] if last else None,
+                latency_p99_s=p99,
                 rss_bytes=last[2] if last else None,
                 peak_rss_bytes=last[3] if last else None,
                 budget_bytes=(last[4] if last and last[4] is not None
