@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from bundle_tools import corrupt, with_version  # noqa: E402
+
 WORK = Path(tempfile.gettempdir()) / "toma-edge-bench-service"
 OUT = REPO / "bench" / "results" / "service.md"
 TOKEN = "bench-admin-token-0123456789abcdef"
@@ -155,17 +158,6 @@ def example_bundle() -> Path:
     return d
 
 
-def with_version(src: Path, dst: Path, version: str) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    p = dst / "manifest.json"
-    m = json.loads(p.read_text())
-    m["version"] = version
-    p.write_text(json.dumps(m, indent=2) + "\n")
-    return dst
-
-
 def heavy_bundle(base: Path, width: int) -> Path:
     """The example's bundle with a wider fp32 MLP (10 -> width -> width -> 1) in it."""
     d = WORK / f"wide-{width}"
@@ -220,11 +212,7 @@ def load_test(bundle: Path, n_requests: int = 20_000, clients: int = 64) -> list
     v1 = with_version(bundle, rel / "v1", "load-v1")
     v2 = with_version(bundle, rel / "v2", "load-v2")
     good = make_archive(v2, WORK / "v2.tar.gz")
-    bad_dir = with_version(bundle, rel / "bad", "load-bad")
-    pte = bad_dir / "model.pte"
-    data = bytearray(pte.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    pte.write_bytes(bytes(data))
+    bad_dir = corrupt(with_version(bundle, rel / "bad-src", "load-bad"), rel / "bad")
     bad = make_archive(bad_dir, WORK / "bad.tar.gz")
     (WORK / "token").write_text(TOKEN)
     (WORK / "token").chmod(0o600)

@@ -24,6 +24,7 @@ first line) are detected and reported (``had_header``) so the output can mirror 
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import math
@@ -99,7 +100,7 @@ class Chunk:
     finite_checked: bool = True
 
 
-class Reader:
+class Reader(abc.ABC):
     """Base of the readers: iterate for :class:`Chunk` objects.
 
     ``had_header`` (CSV), ``total_rows`` (when known before reading: .npy),
@@ -126,10 +127,11 @@ class Reader:
         if len(self.bad_rows) < _MAX_BAD_KEPT:
             self.bad_rows.append(BadRow(line, reason))
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[Chunk]:
-        raise NotImplementedError
+        """Yield the input as bounded chunks of validated rows."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (readers holding nothing need not close)
         """Release the input (not stdin)."""
 
 
@@ -513,7 +515,7 @@ def prefetch(source: Iterable[Any], *, depth: int = 4) -> Iterator[Any]:
 # -- writers ----------------------------------------------------------------------------
 
 
-class Writer:
+class Writer(abc.ABC):
     """Streams outputs to a file (or stdout). Use as a context manager or ``close()``.
 
     ``write(outputs, classes=None)``: float32 ``(k, n_outputs)`` and, for classification,
@@ -534,8 +536,9 @@ class Writer:
                 raise InputError(f"{path}: cannot write output: {e.strerror}") from e
             self._owned = True
 
+    @abc.abstractmethod
     def write(self, outputs: np.ndarray, classes: list[str] | None = None) -> None:
-        raise NotImplementedError
+        """Append complete rows: ``outputs`` float32 ``(k, n_outputs)``, ``classes`` labels."""
 
     def close(self) -> None:
         """Flush; the file holds every row written so far, complete."""

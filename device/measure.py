@@ -17,47 +17,28 @@ import sys
 
 import numpy as np
 
-__all__ = ["read_status_bytes", "reset_peak", "measure_program"]
-
-
-def read_status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` field such as VmRSS or VmHWM, in bytes (0 if unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset this process's VmHWM to the current RSS (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+__all__ = ["measure_program"]
 
 
 def measure_program(path: str, batches: list[int], *, threads: int = 1, adapter: str = "auto") -> dict:
+    """Load ``path`` and return the peak RSS increase over the loaded program per batch
+    size, read through the process-wide peak probe (VmHWM reset before each batch)."""
+    from ..probes import peak_probe, rss_bytes
     from .adapter import load_program
 
     prog = load_program(path, threads=threads, adapter=adapter)
     spec = prog.inputs[0]
     row_shape = spec.shape[1:]
     dtype = np.dtype(spec.dtype)
-    base = read_status_bytes("VmRSS")
+    base = rss_bytes()
     peaks: dict[str, int] = {}
     rng = np.random.default_rng(0)
     for b in sorted(set(batches)):
         x = rng.random((b, *row_shape)).astype(dtype)
-        reset_peak()
-        prog.run([x])
-        prog.run([x])
-        peaks[str(b)] = max(0, read_status_bytes("VmHWM") - base)
+        with peak_probe().measure() as m:
+            prog.run([x])
+            prog.run([x])
+        peaks[str(b)] = max(0, m.peak_bytes - base)
     return {"adapter": prog.adapter, "baseline_rss_bytes": base, "measured_peak_bytes": peaks}
 
 

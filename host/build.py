@@ -32,10 +32,18 @@ import torch
 from .. import __version__
 from ..budget import format_size, parse_size
 from ..bundle import make_archive, sign_manifest
+from ..device.adapter import load_program
 from ..errors import BudgetError, BundleError
 from ..manifest import SCHEMA_VERSION, Manifest, sha256_file
 from ..profiles import TargetProfile, load_profile
-from .export import ExportResult, Quantization, WithSoftmax, export_program
+from .export import (
+    ExportResult,
+    Quantization,
+    calibration_batches,
+    export_net,
+    export_program,
+    run_rows,
+)
 from .source import ModelSource, load_source, with_target_defaults
 from .train import MemoryPolicy, TrainSpec, evaluate, kfold_indices, predict_numpy, train_model
 
@@ -75,30 +83,16 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _metric_names(task: str) -> list[str]:
-    return ["rmse", "r2"] if task == "regression" else ["accuracy"]
-
-
-def _calibration(X: np.ndarray, batches: int, batch_size: int = 32, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(X))
-    return [X[idx[i : i + batch_size]] for i in range(0, min(len(X), batches * batch_size), batch_size)]
-
-
-def _export_net(src: ModelSource, model: torch.nn.Module) -> torch.nn.Module:
-    return WithSoftmax(model).eval() if src.task == "classification" else model.eval()
-
-
 def _predict_quantized(
     src: ModelSource, model: torch.nn.Module, X_cal: np.ndarray, kind: Quantization, max_batch: int,
-    calibration_batches: int,
+    n_batches: int,
 ) -> Callable[[np.ndarray], np.ndarray]:
     from .export import quantize_model
 
-    net = _export_net(src, model)
+    net = export_net(model, src.task)
     example = torch.as_tensor(X_cal[:2])
     q = quantize_model(net, example, kind=kind, max_batch=max_batch,
-                       calibration=_calibration(X_cal, calibration_batches))
+                       calibration=calibration_batches(X_cal, n_batches))
 
     def predict(X: np.ndarray) -> np.ndarray:
         outs = []
@@ -108,15 +102,6 @@ def _predict_quantized(
         return np.concatenate(outs)
 
     return predict
-
-
-def run_program_rows(pte_path: Path, X: np.ndarray, max_batch: int) -> np.ndarray:
-    """Run rows through a .pte with the device runtime, in batches of at most max_batch."""
-    from ..device.adapter import load_program
-
-    prog = load_program(pte_path, threads=1)
-    outs = [prog.run([np.ascontiguousarray(X[i : i + max_batch])])[0] for i in range(0, len(X), max_batch)]
-    return np.concatenate(outs)
 
 
 def measure_peaks(pte_path: Path, max_batch: int) -> dict[str, Any]:
@@ -132,12 +117,13 @@ def measure_peaks(pte_path: Path, max_batch: int) -> dict[str, Any]:
     return json.loads(p.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _verify(src: ModelSource, res: ExportResult, pte_path: Path, max_batch: int) -> float:
-    """Run 256 raw rows (or max_batch) through the program and compare with the eager model."""
+def _verify(src: ModelSource, res: ExportResult, program: Any, max_batch: int) -> float:
+    """Run 256 raw rows (or max_batch) through the loaded program and compare with the
+    eager model."""
     rng = np.random.default_rng(1)
     n = min(256, max_batch)
     rows = src.X_test[rng.choice(len(src.X_test), size=n, replace=len(src.X_test) < n)]
-    got = run_program_rows(pte_path, rows, max_batch)
+    got = run_rows(program, rows, max_batch)
     with torch.no_grad():
         want = res.reference(torch.as_tensor(rows)).numpy()
     diff = float(np.max(np.abs(got - want)))
@@ -272,7 +258,7 @@ def _build(
             torch.manual_seed(proj.train.seed)
             m = train_model(src.factory(), data.subset(tr_idx), None, spec,
                             progress=lambda *_: rep.advance(), memory=memory)
-            net = _export_net(src, m)
+            net = export_net(m, src.task)
             val = data.subset(va_idx)
             cv_ref.append(evaluate_data(functools.partial(predict_numpy, net), val, task, prefix="cv_",
                                          budget_bytes=loader_budget_bytes(memory)))
@@ -286,7 +272,7 @@ def _build(
     model = train_model(src.factory(), data, None, spec, progress=lambda *_: rep.advance(),
                         memory=memory)
     rep.done()
-    net = _export_net(src, model)
+    net = export_net(model, src.task)
     ref_metrics = evaluate(lambda x: predict_numpy(net, x), src.X_test, src.y_test, task, prefix="test_")
     ref_metrics.update(_mean_metrics(cv_ref))
 
@@ -304,12 +290,12 @@ def _build(
     if choice.search is not None:
         rep.info("compression candidates (* shipped):\n" + choice.table())
     quant, prune_ratio, model = choice.quantization, choice.prune, choice.model
-    net = _export_net(src, model)
+    net = export_net(model, src.task)
     rep.phase(f"quantizing ({quant}) and exporting")
     # >= 16 example rows: a 2-row example lets export guard conv models to batch <= 15
     example = torch.as_tensor(src.X_train[: max(2, min(32, max_batch))])
     res = export_program(net, example, max_batch=max_batch, quantize=quant,
-                         calibration=_calibration(src.X_train, cal_batches))
+                         calibration=calibration_batches(src.X_train, cal_batches))
     rep.done()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -318,9 +304,11 @@ def _build(
         pte_path = tmp / "model.pte"
         pte_path.write_bytes(res.pte)
         rep.phase("verifying in the ExecuTorch runtime")
-        verify_diff = _verify(src, res, pte_path, max_batch)
-        shipped_metrics = evaluate(lambda x: run_program_rows(pte_path, x, max_batch),
-                                   src.X_test, src.y_test, task, prefix="test_")
+        program = load_program(pte_path, threads=1)  # loaded once: verify, metrics, plot
+        verify_diff = _verify(src, res, program, max_batch)
+        test_pred = run_rows(program, src.X_test, max_batch)
+        del program
+        shipped_metrics = evaluate(lambda x: test_pred, src.X_test, src.y_test, task, prefix="test_")
         if quant == cv_quant and prune_ratio == 0.0:  # CV ran the shipped variant
             shipped_metrics.update(_mean_metrics(cv_q))
         rep.phase("measuring memory per batch size")
@@ -363,7 +351,7 @@ def _build(
         from .plots import write_plots
 
         write_plots(tmp, task=task, y_true=src.y_test,
-                    y_pred=run_program_rows(pte_path, src.X_test, max_batch),
+                    y_pred=test_pred,
                     candidates=choice.candidates, shipped=choice.shipped,
                     classes=src.classes)
         _write_manifest(tmp, manifest)

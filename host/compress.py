@@ -42,10 +42,18 @@ import torch
 from torch import nn
 
 from ..budget import format_size, parse_size
+from ..device.adapter import load_program
 from ..errors import BudgetError, BundleError, ConfigError
 from ..profiles import TargetProfile, load_profile
 from ..project import CompressConfig
-from .export import ExportResult, Quantization, WithSoftmax, export_program
+from .export import (
+    ExportResult,
+    Quantization,
+    calibration_batches,
+    export_net,
+    export_program,
+    run_rows,
+)
 from .prune import Criterion, find_prunable, finetune, prune_structured
 from .train import Task, TrainSpec, evaluate
 
@@ -159,25 +167,6 @@ def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None, f
             strat = labels
     fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
     return np.sort(fit), np.sort(val)
-
-
-def calibration_batches(X: np.ndarray, batches: int, *, batch_size: int = 32, seed: int = 0
-                        ) -> list[np.ndarray]:
-    """``batches`` random batches of training rows for int8 calibration."""
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(X))
-    return [X[idx[i : i + batch_size]] for i in range(0, min(len(X), batches * batch_size), batch_size)]
-
-
-def export_net(model: nn.Module, task: Task | str) -> nn.Module:
-    """What goes into the program: a classifier's logits end in softmax."""
-    return WithSoftmax(model).eval() if task == "classification" else model.eval()
-
-
-def run_rows(program: Any, X: np.ndarray, max_batch: int) -> np.ndarray:
-    """Rows through a loaded program in batches of at most ``max_batch``."""
-    return np.concatenate([program.run([np.ascontiguousarray(X[i : i + max_batch])])[0]
-                           for i in range(0, len(X), max_batch)])
 
 
 def latency_ms(program: Any, x: np.ndarray, *, repeats: int = 30, warmup: int = 3) -> float:
@@ -302,7 +291,6 @@ def compress(
     ``finetune_epochs`` defaults to a fifth of ``spec.epochs`` (at least 5).
     ``storage_budget`` defaults to the target's.
     """
-    from ..device.adapter import load_program
 
     config = config or CompressConfig()
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
@@ -388,7 +376,6 @@ class BuildChoice:
         """The one allowed variant, measured on the program build exported: its latency
         here, its fit; ``value`` is its cross-validation metric (held-out folds of the
         training rows) or None. Raises BudgetError when it does not fit."""
-        from ..device.adapter import load_program
 
         prog = load_program(pte_path, threads=1)
         rows = prog.inputs[0].shape[1:]
@@ -508,7 +495,6 @@ def compress_saved(
         _write_manifest,
         bundle_manifest,
         measure_peaks,
-        run_program_rows,
         summary_lines,
     )
     from .plots import write_plots
@@ -544,8 +530,10 @@ def compress_saved(
     try:
         pte_path = tmp / "model.pte"
         pte_path.write_bytes(res.export.pte)
-        verify_diff = _verify(src, res.export, pte_path, max_batch)
-        pred = run_program_rows(pte_path, src.X_test, max_batch)
+        program = load_program(pte_path, threads=1)  # loaded once: verify, metrics, plot
+        verify_diff = _verify(src, res.export, program, max_batch)
+        pred = run_rows(program, src.X_test, max_batch)
+        del program
         shipped_metrics = evaluate(lambda x: pred, src.X_test, src.y_test, task, prefix="test_")
         meas = measure_peaks(pte_path, max_batch)
         manifest = bundle_manifest(

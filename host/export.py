@@ -16,7 +16,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __all__ = ["Quantization", "ExportResult", "export_program", "export_example", "WithSoftmax",
-           "quantize_model"]
+           "quantize_model", "export_net", "calibration_batches", "run_rows"]
 
 Quantization = Literal["int8", "int8-dynamic", "fp32"]
 
@@ -44,6 +44,25 @@ class WithSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=-1)
+
+
+def export_net(model: nn.Module, task: str) -> nn.Module:
+    """What goes into the program: a classifier's logits end in softmax."""
+    return WithSoftmax(model).eval() if task == "classification" else model.eval()
+
+
+def calibration_batches(X: np.ndarray, batches: int, *, batch_size: int = 32, seed: int = 0
+                        ) -> list[np.ndarray]:
+    """``batches`` random batches of training rows for int8 calibration."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(X))
+    return [X[idx[i : i + batch_size]] for i in range(0, min(len(X), batches * batch_size), batch_size)]
+
+
+def run_rows(program: Any, X: np.ndarray, max_batch: int) -> np.ndarray:
+    """Rows through a loaded program in batches of at most ``max_batch``."""
+    return np.concatenate([program.run([np.ascontiguousarray(X[i : i + max_batch])])[0]
+                           for i in range(0, len(X), max_batch)])
 
 
 @dataclass

@@ -18,7 +18,7 @@ scores a fold by streaming it, so the metrics cover every row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -267,9 +267,27 @@ def train_model(
     if memory is not None and len(xt):
         b = min(spec.batch_size, len(xt))
         update = fit_step_to_budget(model, loss_fn, opt, xt[:b], yt[:b], memory)
-    for epoch in range(n_epochs):
+
+    def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in _batches(len(xt), spec.batch_size, gen):
-            xb, yb = xt[idx], yt[idx]
+            yield xt[idx], yt[idx]
+
+    return _run_epochs(model, epoch_batches, loss_fn, opt, update, n_epochs, progress)
+
+
+def _run_epochs(
+    model: nn.Module,
+    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    update: Update | None,
+    n_epochs: int,
+    progress: ProgressFn | None,
+) -> nn.Module:
+    """The optimisation loop both data kinds share: one step per batch, plain or through
+    the budget-fitting ``update``; returns the model in eval mode."""
+    for epoch in range(n_epochs):
+        for xb, yb in epoch_batches():
             if update is None:
                 opt.zero_grad(set_to_none=False)
                 loss = loss_fn(model(xb), yb)
@@ -277,6 +295,7 @@ def train_model(
                 opt.step()
             else:
                 update(xb, yb)
+            del xb, yb
         if progress is not None:
             progress(epoch + 1, n_epochs)
     model.eval()
@@ -310,22 +329,12 @@ def _train_from_loader(
         update = fit_step_to_budget(model, loss_fn, opt, torch.as_tensor(xh, dtype=torch.float32),
                                     _targets(yh, spec.task), memory)
         del xh, yh
-    for epoch in range(n_epochs):
+
+    def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for xn, yn in loader:
-            xb = torch.as_tensor(xn, dtype=torch.float32)
-            yb = _targets(yn, spec.task)
-            if update is None:
-                opt.zero_grad(set_to_none=False)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                opt.step()
-            else:
-                update(xb, yb)
-            del xb, yb, xn, yn
-        if progress is not None:
-            progress(epoch + 1, n_epochs)
-    model.eval()
-    return model
+            yield torch.as_tensor(xn, dtype=torch.float32), _targets(yn, spec.task)
+
+    return _run_epochs(model, epoch_batches, loss_fn, opt, update, n_epochs, progress)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import pytest
+from bundle_tools import flip_byte
 from click.testing import CliRunner
 
 from toma_edge.cli import main
@@ -114,9 +115,7 @@ def test_inspect_verifies_hashes(example_bundle: Path, copy_bundle) -> None:  # 
     assert r.exit_code == 0, r.output
     assert "seed-regression" in r.output and "sha256 ok" in r.output and "int8" in r.output
     bad = copy_bundle(example_bundle)
-    data = bytearray((bad / "model.pte").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (bad / "model.pte").write_bytes(bytes(data))
+    flip_byte(bad / "model.pte")
     r = _invoke(["inspect", str(bad)])
     assert r.exit_code == 2 and "sha256 mismatch for model.pte" in r.output
 

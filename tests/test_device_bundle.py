@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_tools import flip_byte
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -51,9 +52,7 @@ def test_archive(example_bundle: Path, tmp_path: Path) -> None:
 
 def test_tampered_model(example_bundle: Path, copy_bundle) -> None:  # type: ignore[no-untyped-def]
     d = copy_bundle(example_bundle)
-    data = bytearray((d / "model.pte").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (d / "model.pte").write_bytes(bytes(data))
+    flip_byte(d / "model.pte")
     with pytest.raises(BundleError, match="sha256 mismatch for model.pte"):
         load_bundle(d)
 
@@ -92,11 +91,9 @@ def test_signatures(example_bundle: Path, copy_bundle, tmp_path: Path) -> None: 
     with pytest.raises(BundleError, match="signature check failed"):
         load_bundle(d, trust_key=other_pub)
     # an attacker replaces the model and rewrites the manifest's hash and size to match
-    data = bytearray((d / "model.pte").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (d / "model.pte").write_bytes(bytes(data))
+    flip_byte(d / "model.pte")
     m = json.loads((d / "manifest.json").read_text())
-    m["files"]["model.pte"] = {"sha256": sha256_file(d / "model.pte"), "bytes": len(data)}
+    m["files"]["model.pte"] = {"sha256": sha256_file(d / "model.pte"), "bytes": (d / "model.pte").stat().st_size}
     (d / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
     with pytest.raises(BundleError, match="signature check failed"):
         load_bundle(d, trust_key=pub)

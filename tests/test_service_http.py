@@ -12,7 +12,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bundle_tools import corrupt, with_version
 
 from toma_edge.bundle import make_archive
 
@@ -140,26 +140,6 @@ def _predictor(bundle: Path) -> Any:
 def offline(bundle: Path, rows: np.ndarray) -> np.ndarray:
     """What the Predictor answers for these rows alone, in this process."""
     return _predictor(bundle).predict(rows).outputs  # type: ignore[no-any-return]
-
-
-def with_version(src: Path, dst: Path, version: str) -> Path:
-    """A copy of a bundle under another version (a new manifest, same model)."""
-    shutil.copytree(src, dst)
-    p = dst / "manifest.json"
-    m = json.loads(p.read_text())
-    m["version"] = version
-    p.write_text(json.dumps(m, indent=2) + "\n")
-    return dst
-
-
-def corrupt(src: Path, dst: Path) -> Path:
-    """A copy whose model.pte has one byte flipped (sha256 mismatch)."""
-    shutil.copytree(src, dst)
-    pte = dst / "model.pte"
-    data = bytearray(pte.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    pte.write_bytes(bytes(data))
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import base64
 import os
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -198,8 +197,3 @@ def extract_archive(archive: str | Path, dest: str | Path, *, max_bytes: int = 1
     except (tarfile.TarError, EOFError, OSError) as e:
         raise BundleError(f"{archive}: not a readable .tar.gz bundle archive: {e}") from e
     return dest
-
-
-def _tmpdir_beside(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
