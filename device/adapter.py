@@ -1,13 +1,20 @@
-"""The one device module that touches torch: load an ExecuTorch program, run a method.
+"""Load an ExecuTorch program and run a method: the device's one seam to the runtime.
 
     from toma_edge.device.adapter import load_program
     prog = load_program("dist/rpi4/model.pte", threads=4)
     (y,) = prog.run([np.random.rand(8, 10).astype(np.float32)])
-    prog.adapter                                       # "pybind"
+    prog.adapter                                       # "native" (or "pybind")
 
-Everything around it (Predictor, loaders, service, agent) speaks numpy arrays. The
-``pybind`` adapter uses ExecuTorch's native pybindings module with torch alone: importing
-``executorch.runtime`` would pull in the whole export stack (seconds and ~130 MiB more).
+Everything around it (Predictor, loaders, service, agent) speaks numpy arrays. Two
+adapters, chosen automatically, best first:
+
+- ``native``: ``toma_edge_native``, our small C++ module over the runtime libraries of the
+  executorch wheel (runtime, optimized kernels, XNNPACK, thread pool), which it carries.
+  No torch and no executorch Python package: this is what a device installs.
+- ``pybind``: ExecuTorch's own pybindings module, which needs torch (the host install has
+  it). Importing ``executorch.runtime`` instead would pull in the whole export stack.
+
+``TOMA_EDGE_ADAPTER=pybind`` (or ``native``) forces one.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 
-__all__ = ["Program", "TensorInfo", "load_program", "available_adapters"]
+__all__ = ["Program", "TensorInfo", "load_program", "available_adapters",
+           "native_executorch_version"]
 
 _DTYPES = {"Float": np.float32, "Long": np.int64, "Int": np.int32, "Byte": np.uint8, "Char": np.int8}
 
@@ -171,16 +179,83 @@ class PybindProgram:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
 
 
-def available_adapters() -> list[str]:
-    """Adapters that can run here, best first."""
-    out = []
-    try:
-        import importlib.util
+class NativeProgram:
+    """ExecuTorch through ``toma_edge_native`` (no torch)."""
 
-        if importlib.util.find_spec("executorch.extension.pybindings._C") is not None:
-            out.append("pybind")
-    except (ImportError, ValueError):
-        pass
+    adapter = "native"
+
+    def __init__(self, source: str | Path | bytes, *, threads: int | None = None) -> None:
+        global _threads_set
+        with _threads_lock, _quiet_native():
+            native = _native()
+            # XNNPACK's pool must be sized before a method is loaded
+            if threads and threads != _threads_set:
+                native.set_threads(int(threads))
+                _threads_set = int(threads)
+            try:
+                self._prog = native.Program(bytes(source) if isinstance(source, (bytes, bytearray))
+                                            else str(source))
+            except native.ExecuTorchError as e:
+                where = "<bytes>" if isinstance(source, (bytes, bytearray)) else source
+                raise BundleError(f"{where}: ExecuTorch cannot load the program: {e}") from e
+        self.inputs = tuple(_info(s) for s in self._prog.inputs)
+        self.outputs = tuple(_info(s) for s in self._prog.outputs)
+        self._error = native.ExecuTorchError
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(self._prog.run([np.ascontiguousarray(a) for a in arrays]))
+        except (self._error, ValueError, TypeError) as e:
+            raise InputError(f"ExecuTorch method failed: {e}") from e
+
+    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Run a one-input, one-output method on ``x``, its result into ``out``."""
+        self.run_batches_into(x, out, max(1, len(x)))
+
+    def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
+        """Run ``x`` in consecutive batches of ``size`` rows (one-input, one-output),
+        each result into the matching rows of ``out``; one call into C++, GIL released."""
+        try:
+            self._prog.run_batches_into(x, out, int(size))
+        except (self._error, ValueError, TypeError) as e:
+            raise InputError(f"ExecuTorch method failed: {e}") from e
+
+
+def _info(spec: Any) -> TensorInfo:
+    return TensorInfo(shape=tuple(int(v) for v in spec.shape), dtype=str(spec.dtype),
+                      nbytes=int(spec.nbytes))
+
+
+def _native() -> Any:
+    with _quiet_native():  # the runtime's cpuinfo logs on first load
+        import toma_edge_native
+
+    return toma_edge_native
+
+
+def native_executorch_version() -> str | None:
+    """The executorch release the native adapter carries, or None where it is not built."""
+    try:
+        return str(_native().EXECUTORCH_VERSION)
+    except ImportError:
+        return None
+
+
+def available_adapters() -> list[str]:
+    """Adapters that can run here, best first (``TOMA_EDGE_ADAPTER`` narrows it to one)."""
+    import importlib.util
+
+    out = []
+    for name, module in (("native", "toma_edge_native"),
+                         ("pybind", "executorch.extension.pybindings._C")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                out.append(name)
+        except (ImportError, ValueError):
+            pass
+    forced = os.environ.get("TOMA_EDGE_ADAPTER", "").strip()
+    if forced and forced != "auto":
+        return [forced] if forced in out else []
     return out
 
 
@@ -191,8 +266,14 @@ def load_program(
     have = available_adapters()
     if adapter == "auto":
         if not have:
-            raise BundleError("no ExecuTorch runtime adapter is installed; install executorch")
+            forced = os.environ.get("TOMA_EDGE_ADAPTER", "")
+            raise BundleError(
+                f"the runtime adapter '{forced}' (TOMA_EDGE_ADAPTER) is not installed" if forced
+                and forced != "auto" else "no ExecuTorch runtime adapter is installed; install "
+                "toma-edge-native (the device install) or toma-edge[host]")
         adapter = have[0]
+    if adapter == "native":
+        return NativeProgram(source, threads=threads)
     if adapter == "pybind":
         return PybindProgram(source, threads=threads)
     raise BundleError(f"unknown runtime adapter '{adapter}'; available: {', '.join(have) or 'none'}")

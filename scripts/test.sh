@@ -17,7 +17,9 @@ fi
 # the broker runs from the tests, never as a system service
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 
-python -m pip install -q -e ".[test]"
+# device/native (toma-edge-native: the torch-free ExecuTorch adapter) is built here with
+# scikit-build-core; the main package requires it
+python -m pip install -q ./device/native -e ".[test]"
 
 python -m ruff check toma_edge tests bench
 python -m mypy toma_edge tests

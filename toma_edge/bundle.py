@@ -45,10 +45,23 @@ class VerifiedBundle:
 
 
 def runtime_executorch_version() -> str | None:
-    """The executorch release this device runs, or None where none is installed."""
+    """The executorch release this device runs, or None where none is installed.
+
+    That of the native adapter's runtime libraries where it is installed (and not
+    overridden by ``TOMA_EDGE_ADAPTER=pybind``), else the executorch package's.
+    """
     override = os.environ.get("TOMA_EDGE_RUNTIME_EXECUTORCH")
     if override:
         return override
+    if os.environ.get("TOMA_EDGE_ADAPTER", "auto") in ("auto", "native", ""):
+        import importlib.util
+
+        if importlib.util.find_spec("toma_edge_native") is not None:
+            from .device.adapter import native_executorch_version
+
+            v = native_executorch_version()
+            if v:
+                return v
     try:
         return metadata.version("executorch")
     except metadata.PackageNotFoundError:

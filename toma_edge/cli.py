@@ -20,6 +20,9 @@ from .errors import TomaEdgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# what the host extra adds to the plain (device) install
+_HOST_ONLY = {"torch", "torchao", "executorch", "matplotlib", "sklearn", "pandas"}
+
 
 def _fail(msg: str) -> None:
     click.echo(f"error: {msg}", err=True)
@@ -39,6 +42,11 @@ def handle_errors(fn: F) -> F:
             if debug:
                 raise
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except ModuleNotFoundError as e:
+            if debug or (e.name or "").split(".")[0] not in _HOST_ONLY:
+                raise
+            _fail(f"this command needs the host install (training, compression, export): "
+                  f"pip install 'toma-edge[host]' (missing module '{e.name}')")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -151,10 +159,11 @@ class _RichReporter:
 @click.option("--memory-log", type=click.Path(dir_okay=False), default=None, help="Write RSS over time as JSONL here (and a PNG beside it).")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 private key (PEM, PKCS#8): also write manifest.sig.")
 @click.option("--archive", is_flag=True, help="Also write <out>.tar.gz of the bundle.")
+@click.option("--wheels", "wheels_dir", type=click.Path(file_okay=False), default=None, help="Also write the device's wheels for the target (see `toma-edge wheels`) into this folder.")
 @handle_errors
 def build(target: str, project: str | None, out: str | None, storage_budget: str | None,
           latency_budget: float | None, train_budget: str | None, memory_log: str | None,
-          sign_key: str | None, archive: bool) -> None:
+          sign_key: str | None, archive: bool, wheels_dir: str | None) -> None:
     """Train, compress, export and verify a model; write its bundle."""
     from .host.build import build as run_build
 
@@ -171,6 +180,30 @@ def build(target: str, project: str | None, out: str | None, storage_budget: str
     for line in res.summary:
         click.echo(line)
     click.echo(f"bundle: {res.out}" + (f" (archive {res.archive})" if res.archive else ""))
+    if wheels_dir:
+        _write_wheels(target, wheels_dir)
+
+
+def _write_wheels(target: str, out: str) -> None:
+    from rich.console import Console
+
+    from .host.wheels import write_wheels
+
+    console = Console(stderr=True)
+    with console.status("device wheels") as status:
+        ws = write_wheels(target, out, progress=lambda m: status.update(f"device wheels: {m}"))
+    for line in ws.summary():
+        click.echo(line)
+
+
+@main.command()
+@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for the wheels.")
+@handle_errors
+def wheels(target: str, out: str) -> None:
+    """Write the wheels a device of TARGET installs from, with no build tools and no index:
+    `pip install --no-index --find-links DIR toma-edge` (no torch, no executorch)."""
+    _write_wheels(target, out)
 
 
 @main.command()

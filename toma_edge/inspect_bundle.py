@@ -47,4 +47,19 @@ def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False)
     lines.append("files       " + ", ".join(f"{k} ({format_size(e.bytes)}) sha256 ok" for k, e in m.files.items()))
     sig = "signature ok" if trust_key else ("signed, not checked (no --trust-key)" if vb.signed else "unsigned")
     lines.append(f"trust       {sig}; manifest sha256 {vb.manifest_sha256[:16]}…")
+    lines.append(f"runtime     {_runtime_line()}")
     return "\n".join(lines)
+
+
+def _runtime_line() -> str:
+    """Which runtime adapter would run the bundle on this machine, and its executorch."""
+    from .bundle import runtime_executorch_version
+    from .device.adapter import available_adapters
+
+    have = available_adapters()
+    if not have:
+        return "no runtime adapter installed here (install toma-edge-native or toma-edge[host])"
+    line = f"{have[0]} adapter (executorch {runtime_executorch_version() or 'unknown'})"
+    if len(have) > 1:
+        line += "; also available: " + ", ".join(have[1:])
+    return line

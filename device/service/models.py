@@ -83,7 +83,7 @@ class ServedModel:
             "name": m.name, "version": m.version, "sha256": self.sha256, "task": m.task,
             "signed": self.signed, "source": self.source, "loaded_at": self.loaded_at,
             "input_shape": list(m.inputs[0].shape), "batch_size": self.predictor.batch_size,
-            "batch_dependent": m.batch_dependent,
+            "batch_dependent": m.batch_dependent, "adapter": self.predictor.bundle.adapter,
         }
 
 
