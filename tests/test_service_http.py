@@ -46,16 +46,16 @@ class ServiceProc:
 
     def __init__(self, log: Path, *, args: list[str] | None = None,
                  config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, python: str = sys.executable) -> None:
         self.port = port or free_port()
         self.log = log
         if config is not None:
             cfg = {"http": f"127.0.0.1:{self.port}", **config}
             code = ("import json, sys; from toma_edge.device.service import ServiceConfig, serve; "
                     "sys.exit(serve(ServiceConfig(**json.loads(sys.argv[1]))))")
-            cmd = [sys.executable, "-c", code, json.dumps(cfg)]
+            cmd = [python, "-c", code, json.dumps(cfg)]
         else:
-            cmd = [sys.executable, "-m", "toma_edge.cli", "serve", *(args or []),
+            cmd = [python, "-m", "toma_edge.cli", "serve", *(args or []),
                    "--http", f"127.0.0.1:{self.port}"]
         self._out = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._out,
