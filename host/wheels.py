@@ -75,9 +75,11 @@ def _run(cmd: list[str], what: str, *, env: dict[str, str] | None = None) -> Non
 
 
 def _platforms(arch: str, glibc: str) -> list[str]:
-    # pip widens a manylinux_2_N tag to every older glibc; linux_<arch> is our own wheel's
+    """Every manylinux tag the target's glibc runs (pip does not widen a given tag to the
+    older ones), then linux_<arch>: our own native wheel's tag."""
     major, minor = (int(x) for x in glibc.split(".")[:2])
-    return [f"manylinux_{major}_{minor}_{arch}", f"linux_{arch}"]
+    tags = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 16, -1)]
+    return [*tags, f"manylinux2014_{arch}", f"linux_{arch}"]
 
 
 def write_wheels(target: str, out: str | Path, *,
