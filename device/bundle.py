@@ -3,7 +3,7 @@ its program with the lightest runtime adapter.
 
     from toma_edge.device.bundle import load_bundle
     b = load_bundle("dist/rpi4", trust_key="fleet.pub")       # or "model.tar.gz"
-    b.manifest.name, b.signed, b.program.adapter               # ('seed-regression', True, 'pybind')
+    b.manifest.name, b.signed, b.program.adapter               # ('seed-regression', True, 'native')
     (y,) = b.program.run([np.zeros((4, 10), np.float32)])
     y.shape                                                    # (4, 1)
 
@@ -61,7 +61,7 @@ class LoadedBundle:
 
     @property
     def adapter(self) -> str:
-        """The runtime adapter that runs the program (``"pybind"``)."""
+        """The runtime adapter that runs the program (``"native"``, or ``"pybind"`` where only the torch-based one is installed)."""
         return str(self.program.adapter)
 
 

@@ -1,7 +1,7 @@
 """Measure what each batch size really costs a device process (run as its own process).
 
     python -m toma_edge.device.measure dist/rpi4/model.pte --batches 1,32,256
-    # {"adapter": "pybind", "baseline_rss_bytes": ..., "measured_peak_bytes": {"1": ..., ...}}
+    # {"adapter": "native", "baseline_rss_bytes": ..., "measured_peak_bytes": {"1": ..., ...}}
 
 ``measured_peak_bytes[b]`` is the peak RSS increase over the loaded program while running
 a batch of ``b`` rows (XNNPACK's workspace included, which the program's memory plan

@@ -17,6 +17,9 @@ fi
 # the broker runs from the tests, never as a system service
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 
+# the aarch64 test's cross compiler, qemu-user and arm64 Python sysroot (apt-get; cached)
+bash scripts/aarch64_env.sh >/dev/null
+
 # device/native (toma-edge-native: the torch-free ExecuTorch adapter) is built here with
 # scikit-build-core; the main package requires it
 python -m pip install -q ./device/native -e ".[test]"

@@ -2,7 +2,7 @@
 
     from toma_edge.profiles import load_profile, list_profiles
     p = load_profile("rpi")                 # alias of rpi4
-    p.name, p.memory_budget_bytes, p.working_budget_bytes("pybind")
+    p.name, p.memory_budget_bytes, p.working_budget_bytes("native")
     [q.name for q in list_profiles()]
 """
 

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Install toma-edge as a systemd service on Raspberry Pi OS (Debian), as root:
-#   sudo sh install.sh toma_edge-0.1.0-py3-none-any.whl dist/rpi4 [--args "--http 0.0.0.0:8080 ..."]
+#   sudo sh install.sh rpi4-wheels/toma_edge-0.1.0-py3-none-any.whl dist/rpi4 [--args "--http 0.0.0.0:8080 ..."]
+# With the wheel in the folder `toma-edge wheels --target rpi` wrote, everything installs
+# from that folder alone (no index, no compiler, no torch).
 # Creates the user toma-edge, a venv in /opt/toma-edge/venv with the wheel, copies the bundle
 # to /var/lib/toma-edge/releases/<version> and points /var/lib/toma-edge/current at it,
 # makes an admin token (/etc/toma-edge/admin-token) if there is none, installs the unit
@@ -35,9 +37,14 @@ install -d -o root -g root -m 755 "$PREFIX"
 install -d -o toma-edge -g toma-edge -m 750 "$STATE" "$STATE/releases"
 install -d -o root -g toma-edge -m 750 "$ETC"
 
-# the venv and the wheel (with its pinned torch/executorch dependencies)
+# the venv and the wheel: the plain (device) install, no torch or executorch package
 [ -x "$PREFIX/venv/bin/python" ] || "$PY" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/pip" install --upgrade --quiet "$WHEEL"
+WHEELS=$(cd "$(dirname "$WHEEL")" && pwd)
+if ls "$WHEELS"/toma_edge_native-*.whl >/dev/null 2>&1; then
+    "$PREFIX/venv/bin/pip" install --upgrade --quiet --no-index --find-links "$WHEELS" "$WHEEL"
+else
+    "$PREFIX/venv/bin/pip" install --upgrade --quiet --find-links "$WHEELS" "$WHEEL"
+fi
 
 # the release: releases/<version>, then an atomic switch of `current`
 read_manifest() { "$PREFIX/venv/bin/python" -c "import json,sys; m=json.load(open(sys.argv[1])); print($1)" "$BUNDLE/manifest.json"; }
