@@ -18,6 +18,7 @@ was written completely; with ``skip_bad`` it is skipped and counted. ``seconds``
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,11 +174,15 @@ class RichProgress:
     """
 
     def __init__(self) -> None:
+        self._bar: Any = None
+        self._task: Any = None
+        self.console: Any = None
+        self.enabled = False
+        if not (sys.stderr.isatty() or os.environ.get("FORCE_TERMINAL") or os.environ.get("TTY_COMPATIBLE")):
+            return  # not a terminal: don't pay for importing rich (~10 ms of a Pi's start)
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self._bar: Any = None
-        self._task: Any = None
         self.enabled = self.console.is_terminal
 
     def __call__(self, done: int, total: int | None) -> None:

@@ -24,7 +24,6 @@ from .errors import (
     TelemetryError,
     TomaEdgeError,
 )
-from .profiles import TargetProfile, list_profiles, load_profile
 
 __version__ = "0.1.0"
 
@@ -48,11 +47,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .checkpoint_plan import CheckpointPlan, plan_checkpointing
+    from .profiles import TargetProfile, list_profiles, load_profile
 
-# public names whose modules import torch: loaded on first attribute access
+# public names loaded on first attribute access: those whose modules import torch, and
+# the profiles (pydantic and YAML), which a device's `toma-edge run` never needs
 _LAZY = {
     "plan_checkpointing": "checkpoint_plan",
     "CheckpointPlan": "checkpoint_plan",
+    "TargetProfile": "profiles",
+    "load_profile": "profiles",
+    "list_profiles": "profiles",
 }
 
 
