@@ -71,6 +71,6 @@ trap 'rm -rf "$tmp"' EXIT
 [[ "$so" == *"$want_suffix" ]] || { echo "build_native: $so is not named for $arch" >&2; exit 1; }
 readelf -h "$tmp/$so" | grep -q "Machine:.*$want_machine" \
     || { echo "build_native: $so is not an $want_machine binary" >&2; exit 1; }
-readelf -d "$tmp/$so" | grep -q 'RUNPATH.*\$ORIGIN' \
-    || { echo "build_native: $so has no RUNPATH \$ORIGIN" >&2; exit 1; }
+readelf -d "$tmp/$so" | grep -q 'RUNPATH.*\[\$ORIGIN\]' \
+    || { echo "build_native: $so's RUNPATH is not just \$ORIGIN: $(readelf -d "$tmp/$so" | grep RUNPATH)" >&2; exit 1; }
 echo "$whl"
