@@ -95,22 +95,23 @@ def write_wheels(target: str, out: str | Path, *,
     here_arch = platform.machine()
     here_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    native = arch == here_arch and py == here_py
+    if not native and not (arch == "aarch64" and py == "3.11"):
+        raise WheelError(f"cannot build toma-edge-native for {arch} with CPython {py} here "
+                         f"(this machine: {here_arch}, CPython {here_py}; cross builds: aarch64 "
+                         "with CPython 3.11)")
 
     with tempfile.TemporaryDirectory(prefix="toma-wheels-") as tmp:
         stage = Path(tmp)
         say("toma-edge (pure Python)")
         _run([*pip, "wheel", "--no-deps", "-w", str(stage), str(root)], "building the toma-edge wheel")
         say(f"toma-edge-native for {arch}, CPython {py}")
-        if arch == here_arch and py == here_py:
+        if native:
             _run([*pip, "wheel", "--no-deps", "-w", str(stage), str(root / "device" / "native")],
                  "building the toma-edge-native wheel")
-        elif arch == "aarch64" and py == "3.11":
+        else:
             _run(["bash", str(root / "scripts" / "build_native.sh"), "aarch64", str(stage)],
                  "cross-building the toma-edge-native wheel for aarch64 (scripts/build_native.sh)")
-        else:
-            raise WheelError(f"cannot build toma-edge-native for {arch} with CPython {py} here "
-                             f"(this machine: {here_arch}, CPython {here_py}; cross builds: aarch64 "
-                             "with CPython 3.11)")
         (main_whl,) = stage.glob("toma_edge-*.whl")
         say("third-party wheels of the device install")
         plat = [a for p in _platforms(arch, profile.os.glibc) for a in ("--platform", p)]
