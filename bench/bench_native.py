@@ -17,8 +17,8 @@ contenders because this machine is shared:
 - ``footprint``: the plain (device) install in a fresh venv: our packages and every
   third-party dependency with its installed size.
 
-The process start is read from /proc (starttime against uptime, ~10 ms), not psutil's
-create_time(), whose boot time is whole seconds.
+The process start is ``toma_edge.probes.process_start_time()`` (/proc: starttime against
+uptime, ~10 ms), not psutil's create_time(), whose boot time is whole seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,26 +37,20 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from mqtt_fixtures import free_port  # noqa: E402
+
+from toma_edge.probes import peak_rss_of  # noqa: E402
+
 MiB = 1 << 20
 
+# toma_edge.probes imports only the standard library: the same start-up for every child
 _START = r"""
-def _t0():
-    import os, time
-    stat = open("/proc/self/stat", "rb").read()
-    ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
-    up = float(open("/proc/uptime").read().split()[0])
-    return time.time() - (up - ticks / os.sysconf("SC_CLK_TCK"))
-T0 = _t0()
+from toma_edge.probes import peak_rss_of, process_start_time
+T0 = process_start_time()
 """
 
-_HWM = r"""
-def _hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-"""
-
-CHILD_OURS = _START + _HWM + r"""
+CHILD_OURS = _START + r"""
 import json, sys, time
 import numpy as np
 from toma_edge.device.predictor import Predictor
@@ -65,11 +58,11 @@ p = Predictor(sys.argv[1], threads=1, budget="4GiB", adapter=sys.argv[2])
 width = p.input_spec.row_shape
 y = p.predict(np.full((1, *width), 0.5, np.float32)).outputs
 first = time.time() - T0
-print(json.dumps({"first_s": first, "hwm": _hwm(), "y": float(y.ravel()[0]),
+print(json.dumps({"first_s": first, "hwm": peak_rss_of(), "y": float(y.ravel()[0]),
                   "adapter": p.bundle.adapter, "torch": "torch" in sys.modules}))
 """
 
-CHILD_RUNTIME = _START + _HWM + r"""
+CHILD_RUNTIME = _START + r"""
 import json, sys, time
 import torch
 from executorch.runtime import Runtime
@@ -78,7 +71,7 @@ m = prog.load_method("forward")
 width = json.load(open(sys.argv[1] + "/manifest.json"))["inputs"][0]["shape"][1:]
 y = m.execute([torch.full((1, *width), 0.5)])[0]
 first = time.time() - T0
-print(json.dumps({"first_s": first, "hwm": _hwm(), "y": float(y.reshape(-1)[0]),
+print(json.dumps({"first_s": first, "hwm": peak_rss_of(), "y": float(y.reshape(-1)[0]),
                   "adapter": "executorch.runtime", "torch": True}))
 """
 
@@ -195,21 +188,8 @@ def bench_predict(bundle: Path, rounds: int) -> list[str]:
     return out + [""]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _hwm_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
 def _serve_once(bundle: Path, adapter: str, requests: int, python: str) -> tuple[int, float]:
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([python, "-m", "toma_edge.cli", "serve", str(bundle), "--http",
                           f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=_env(adapter), cwd="/")
@@ -250,7 +230,7 @@ def _serve_once(bundle: Path, adapter: str, requests: int, python: str) -> tuple
         secs = time.perf_counter() - t
         if errors:
             raise RuntimeError(f"serve ({adapter}): {len(errors)} failed requests")
-        return _hwm_of(p.pid), requests / secs
+        return peak_rss_of(p.pid), requests / secs
     finally:
         p.terminate()
         p.wait(30)

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,17 +43,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from bundle_tools import corrupt, with_version  # noqa: E402
+from mqtt_fixtures import free_port  # noqa: E402
+
+from toma_edge.probes import peak_rss_of  # noqa: E402
 
 WORK = Path(tempfile.gettempdir()) / "toma-edge-bench-service"
 OUT = REPO / "bench" / "results" / "service.md"
 TOKEN = "bench-admin-token-0123456789abcdef"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- servers ----------------------------------------------------------------------------
@@ -102,10 +98,7 @@ class Server:
                 time.sleep(0.2)
 
     def peak_rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return peak_rss_of(self.proc.pid)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -153,13 +153,8 @@ def ingest(work: Path, pki: dict[str, Path], devices: int, per_device: int) -> s
     col = start_collector(broker, db=db, client_id="bench-ingest", log=work / "col.log")
     total = devices * per_device
     t0 = _publish_all(broker, devices, per_device, "ingest")
-    wait_until(lambda: _db_count(db) >= total, 600, "all rows")
-    col.send_signal(signal.SIGTERM)
-    col.wait(timeout=30)
-    broker.stop()
+    lo, hi, n = _drain(col, broker, db, total)
     con = sqlite3.connect(str(db))
-    lo, hi, n = con.execute("SELECT MIN(received_at), MAX(received_at), COUNT(*) FROM telemetry"
-                            ).fetchone()
     per_dev = con.execute("SELECT device_id, COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) "
                           "FROM telemetry GROUP BY device_id").fetchall()
     con.close()
@@ -190,6 +185,13 @@ def _backlog(work: Path, pki: dict[str, Path], devices: int, per_device: int) ->
     total = devices * per_device
     _publish_all(broker, devices, per_device, "backlog")
     col = start_collector(broker, db=db, client_id="bench-backlog", log=work / "colb.log")
+    lo, hi, n = _drain(col, broker, db, total)
+    return float(n / (hi - lo))
+
+
+def _drain(col, broker: Broker, db: Path, total: int) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
+    """Wait until ``total`` rows are stored, stop the collector and the broker; the first
+    and last storage times and the row count."""
     wait_until(lambda: _db_count(db) >= total, 600, "all rows")
     col.send_signal(signal.SIGTERM)
     col.wait(timeout=30)
@@ -198,7 +200,7 @@ def _backlog(work: Path, pki: dict[str, Path], devices: int, per_device: int) ->
     lo, hi, n = con.execute("SELECT MIN(received_at), MAX(received_at), COUNT(*) FROM telemetry"
                             ).fetchone()
     con.close()
-    return float(n / (hi - lo))
+    return float(lo), float(hi), int(n)
 
 
 def split(work: Path, pki: dict[str, Path], devices: int, per_device: int) -> str:

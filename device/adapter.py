@@ -84,6 +84,15 @@ _threads_lock = threading.Lock()
 _threads_set: int | None = None
 
 
+def _size_threadpool(threads: int | None, reset: Any) -> None:
+    """Size XNNPACK's one process-wide pool (both adapters share its library) before a
+    method is loaded; only when asked and different. Call with ``_threads_lock`` held."""
+    global _threads_set
+    if threads and threads != _threads_set:
+        reset(int(threads))
+        _threads_set = int(threads)
+
+
 def _parse_info(text: str) -> TensorInfo:
     # pybindings print TensorInfo(sizes=[256, 10], dtype=Float, is_memory_planned=True, nbytes=10240)
     import re
@@ -105,12 +114,8 @@ class PybindProgram:
         import torch  # noqa: F401  (the pybindings need torch's libraries loaded first)
         from executorch.extension.pybindings import _C
 
-        global _threads_set
         with _threads_lock, _quiet_native():
-            # XNNPACK's pool must be sized before a method is loaded
-            if threads and threads != _threads_set:
-                _C._unsafe_reset_threadpool(int(threads))
-                _threads_set = int(threads)
+            _size_threadpool(threads, _C._unsafe_reset_threadpool)
             try:
                 if isinstance(source, (bytes, bytearray)):
                     # the module reads the program from this buffer for as long as it
@@ -185,13 +190,9 @@ class NativeProgram:
     adapter = "native"
 
     def __init__(self, source: str | Path | bytes, *, threads: int | None = None) -> None:
-        global _threads_set
         with _threads_lock, _quiet_native():
             native = _native()
-            # XNNPACK's pool must be sized before a method is loaded
-            if threads and threads != _threads_set:
-                native.set_threads(int(threads))
-                _threads_set = int(threads)
+            _size_threadpool(threads, native.set_threads)
             try:
                 self._prog = native.Program(bytes(source) if isinstance(source, (bytes, bytearray))
                                             else str(source))
@@ -253,10 +254,16 @@ def available_adapters() -> list[str]:
                 out.append(name)
         except (ImportError, ValueError):
             pass
-    forced = os.environ.get("TOMA_EDGE_ADAPTER", "").strip()
-    if forced and forced != "auto":
+    forced = _forced_adapter()
+    if forced:
         return [forced] if forced in out else []
     return out
+
+
+def _forced_adapter() -> str | None:
+    """The adapter ``TOMA_EDGE_ADAPTER`` names, or None for automatic."""
+    forced = os.environ.get("TOMA_EDGE_ADAPTER", "").strip()
+    return forced if forced and forced != "auto" else None
 
 
 def load_program(
@@ -266,11 +273,11 @@ def load_program(
     have = available_adapters()
     if adapter == "auto":
         if not have:
-            forced = os.environ.get("TOMA_EDGE_ADAPTER", "")
+            forced = _forced_adapter()
             raise BundleError(
                 f"the runtime adapter '{forced}' (TOMA_EDGE_ADAPTER) is not installed" if forced
-                and forced != "auto" else "no ExecuTorch runtime adapter is installed; install "
-                "toma-edge-native (the device install) or toma-edge[host]")
+                else "no ExecuTorch runtime adapter is installed; install toma-edge-native "
+                "(the device install) or toma-edge[host]")
         adapter = have[0]
     if adapter == "native":
         return NativeProgram(source, threads=threads)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import format_size
-from ..probes import enable_exact_peaks, peak_probe
+from ..probes import enable_exact_peaks, peak_probe, process_start_time
 from .loaders import BadRow, block_bytes_for, detect_format, open_reader, open_writer, prefetch
 
 __all__ = ["RunSummary", "ProgressCallback", "run", "RichProgress"]
@@ -100,7 +100,7 @@ def run(
     this process's start, so ``startup_s`` covers interpreter, imports and loading).
     Raises BundleError, BudgetError or InputError (rows before a bad one are written).
     """
-    t0 = _process_start() if t_start is None else t_start
+    t0 = process_start_time() if t_start is None else t_start
     if exact_peaks:
         enable_exact_peaks()
     from .predictor import Predictor
@@ -145,26 +145,6 @@ def run(
         batch_size=pred.batch_size, threads=pred.threads, input_format=in_fmt,
         output_format=out_fmt,
     )
-
-
-def _process_start() -> float:
-    """This process's start, in ``time.time()`` seconds (to ~10 ms on Linux).
-
-    From /proc: the process's start in clock ticks after boot against the system's uptime
-    (psutil's create_time() adds the boot time, which Linux gives in whole seconds, so it
-    can be up to a second off).
-    """
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22: starttime
-        with open("/proc/uptime", "rb") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return float(psutil.Process().create_time())
 
 
 class RichProgress:

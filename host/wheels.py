@@ -15,7 +15,6 @@ the plain (device) install, downloaded as binary wheels for the target's platfor
 from __future__ import annotations
 
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -25,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, TomaEdgeError
+from ..extras import is_host_only_distribution
 from ..profiles import load_profile
 
 __all__ = ["WheelSet", "write_wheels", "source_root"]
-
-# the host-only packages that must never reach a device's wheel folder
-_HOST_ONLY = re.compile(r"^(torch|torchao|executorch|matplotlib|scikit_learn|pandas)-", re.I)
 
 
 class WheelError(TomaEdgeError):
@@ -120,7 +117,7 @@ def write_wheels(target: str, out: str | Path, *,
               "-d", str(stage), str(main_whl)],
              f"downloading the device's dependencies for {arch}")
         wheels = sorted(stage.glob("*.whl"))
-        bad = [w.name for w in wheels if _HOST_ONLY.match(w.name)]
+        bad = [w.name for w in wheels if is_host_only_distribution(w.name.split("-")[0])]
         if bad:  # the plain install must stay torch-free
             raise WheelError(f"host-only packages reached the device's wheels: {', '.join(bad)}")
         for old in out.glob("*.whl"):

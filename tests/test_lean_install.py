@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from test_service_http import ServiceProc
 
@@ -110,15 +111,9 @@ def test_lean_run_and_serve_match_the_host(lean_python: Path, which: str, tmp_pa
             assert status == 200, body
             got = np.asarray(body["outputs"], np.float32).reshape(b - a, -1)
             np.testing.assert_array_equal(got, want[a:b].reshape(b - a, -1))
-        rss = _rss_kib(svc.proc.pid)
-        assert rss < 200 * 1024, f"lean service RSS {rss} KiB"  # the torch path is ~260 MiB
+        rss = psutil.Process(svc.proc.pid).memory_info().rss
+        assert rss < 200 << 20, f"lean service RSS {rss >> 20} MiB"  # the torch path is ~260 MiB
     finally:
         assert svc.stop() == 0, svc.tail()
     assert "torch" not in svc.tail()
 
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")

@@ -25,19 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 from bundle_tools import corrupt, with_version
+from mqtt_fixtures import free_port
 
 from toma_edge.bundle import make_archive
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServiceProc:

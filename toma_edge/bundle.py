@@ -53,15 +53,12 @@ def runtime_executorch_version() -> str | None:
     override = os.environ.get("TOMA_EDGE_RUNTIME_EXECUTORCH")
     if override:
         return override
-    if os.environ.get("TOMA_EDGE_ADAPTER", "auto") in ("auto", "native", ""):
-        import importlib.util
+    from .device.adapter import available_adapters, native_executorch_version
 
-        if importlib.util.find_spec("toma_edge_native") is not None:
-            from .device.adapter import native_executorch_version
-
-            v = native_executorch_version()
-            if v:
-                return v
+    if available_adapters()[:1] == ["native"]:
+        v = native_executorch_version()
+        if v:
+            return v
     try:
         return metadata.version("executorch")
     except metadata.PackageNotFoundError:

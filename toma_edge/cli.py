@@ -20,9 +20,6 @@ from .errors import TomaEdgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# what the host extra adds to the plain (device) install
-_HOST_ONLY = {"torch", "torchao", "executorch", "matplotlib", "sklearn", "pandas"}
-
 
 def _fail(msg: str) -> None:
     click.echo(f"error: {msg}", err=True)
@@ -43,7 +40,9 @@ def handle_errors(fn: F) -> F:
                 raise
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except ModuleNotFoundError as e:
-            if debug or (e.name or "").split(".")[0] not in _HOST_ONLY:
+            from .extras import HOST_ONLY
+
+            if debug or (e.name or "").split(".")[0] not in HOST_ONLY:
                 raise
             _fail(f"this command needs the host install (training, compression, export): "
                   f"pip install 'toma-edge[host]' (missing module '{e.name}')")

@@ -46,6 +46,8 @@ __all__ = [
     "SampleCallback",
     "peak_probe",
     "measure_peak",
+    "peak_rss_of",
+    "process_start_time",
     "rss_bytes",
     "enable_exact_peaks",
     "plot_memory_log",
@@ -53,7 +55,6 @@ __all__ = [
 
 Method = Literal["auto", "vmhwm", "sampling"]
 
-_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -69,12 +70,39 @@ def rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
-def _read_vmhwm() -> int:
-    with open(_STATUS, "rb") as f:
+def peak_rss_of(pid: int | None = None) -> int:
+    """Peak RSS (VmHWM) of process ``pid`` (default: this one) since it started or since
+    its high-water mark was last reset, in bytes. Linux only (OSError elsewhere)."""
+    path = f"/proc/{'self' if pid is None else int(pid)}/status"
+    with open(path, "rb") as f:
         for line in f:
             if line.startswith(b"VmHWM:"):
                 return int(line.split()[1]) * 1024
-    raise OSError("VmHWM missing from /proc/self/status")
+    raise OSError(f"VmHWM missing from {path}")
+
+
+def _read_vmhwm() -> int:
+    return peak_rss_of()
+
+
+def process_start_time() -> float:
+    """This process's start, in ``time.time()`` seconds (to ~10 ms on Linux).
+
+    From /proc: the process's start in clock ticks after boot against the system's uptime
+    (psutil's create_time() adds the boot time, which Linux gives in whole seconds, so it
+    can be up to a second off).
+    """
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22: starttime
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return float(psutil.Process().create_time())
 
 
 def _vmhwm_resettable() -> bool:
