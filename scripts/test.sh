@@ -9,13 +9,21 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+# the fleet store's PostgreSQL 15, Prometheus for the metrics test, Chromium for the
+# dashboard's browser test (driven by Playwright through executable_path, no download)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 # the broker runs from the tests, never as a system service
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+# (so do PostgreSQL and Prometheus: each test starts its own on a free loopback port)
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now mosquitto postgresql prometheus >/dev/null 2>&1 || true
+fi
 
 # the aarch64 test's cross compiler, qemu-user and arm64 Python sysroot (apt-get; cached)
 bash scripts/aarch64_env.sh >/dev/null

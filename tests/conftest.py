@@ -16,6 +16,17 @@ from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# property-based tests of hostile input: a bounded run in the normal suite,
+# `pytest --hypothesis-profile=long` for a deeper one
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large]
+settings.register_profile("default", max_examples=40, deadline=None,
+                          suppress_health_check=_SLOW_OK, derandomize=False)
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_PROJECT = REPO / "examples" / "digits" / "toma-edge.yaml"
