@@ -32,28 +32,64 @@ REPO = Path(__file__).resolve().parent.parent
 DIGITS_PROJECT = REPO / "examples" / "digits" / "toma-edge.yaml"
 
 
+# Developers running single test files over and over may set TOMA_EDGE_TEST_BUNDLE_CACHE to
+# a folder: the session bundles are then built there once and reused by later runs. CI
+# never sets it, so every CI run builds (and so tests) them afresh.
+_CACHE = os.environ.get("TOMA_EDGE_TEST_BUNDLE_CACHE")
+
+
+def _cached_build(tmp_path_factory: pytest.TempPathFactory, name: str, **kw):  # type: ignore[no-untyped-def]
+    import pickle
+
+    from toma_edge.host.build import build
+
+    if not _CACHE:
+        return build(out=tmp_path_factory.mktemp("bundles") / name, **kw)
+    out = Path(_CACHE) / name
+    done = Path(_CACHE) / f"{name}.result.pickle"
+    if not done.is_file():
+        result = build(out=out, **kw)
+        try:
+            done.write_bytes(pickle.dumps(result))
+        except Exception:  # a result that can't be pickled: keep the folder only
+            done.write_bytes(b"")
+    data = done.read_bytes()
+    if data:
+        return pickle.loads(data)
+    return None  # the folder is there; a test that needs the result object builds afresh
+
+
 @pytest.fixture(scope="session")
 def example_build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """BuildResult of the built-in example built for rpi once per session (int8)."""
     from toma_edge.host.build import build
 
-    out = tmp_path_factory.mktemp("bundles") / "rpi4"
-    return build(target="rpi", out=out)
+    result = _cached_build(tmp_path_factory, "rpi4", target="rpi")
+    return result or build(target="rpi", out=tmp_path_factory.mktemp("bundles") / "rpi4")
 
 
 @pytest.fixture(scope="session")
-def example_bundle(example_build) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+def example_bundle(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The built-in example's bundle folder. Don't modify it: copy it (``copy_bundle``)
     to tamper with."""
-    yield example_build.out
+    if _CACHE:
+        _cached_build(tmp_path_factory, "rpi4", target="rpi")
+        yield Path(_CACHE) / "rpi4"
+        return
+    yield request.getfixturevalue("example_build").out
 
 
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The README's digits classifier project built for rpi once per session."""
+    if _CACHE:
+        _cached_build(tmp_path_factory, "digits", target="rpi", project=DIGITS_PROJECT)
+        yield Path(_CACHE) / "digits"
+        return
+    out = tmp_path_factory.mktemp("bundles") / "digits"
     from toma_edge.host.build import build
 
-    out = tmp_path_factory.mktemp("bundles") / "digits"
     build(target="rpi", project=DIGITS_PROJECT, out=out)
     yield out
 

@@ -32,12 +32,12 @@ _INT_LIMIT = 2**63  # larger JSON integers are refused: no database column or in
 
 
 def loads(data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH,
-          what: str = "JSON") -> Any:
+          what: str = "the JSON") -> Any:
     """Parse ``data`` strictly; InputError naming ``what`` and the problem otherwise."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise InputError(f"{what} is not valid JSON: {_first_line(e)}") from e
+        raise InputError(f"{what}: invalid JSON ({_first_line(e)})") from e
     except RecursionError as e:  # an orjson build without its own depth limit
         raise InputError(f"{what} nests arrays/objects too deeply (> {max_depth})") from e
     if depth_exceeds(obj, max_depth):
