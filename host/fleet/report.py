@@ -1,8 +1,8 @@
 """``fleet status`` (a table) and ``fleet report`` (PNG plots and a Markdown summary).
 
-    from toma_edge.host.fleet.store import FleetStore
+    from toma_edge.host.fleet.store import open_store
     from toma_edge.host.fleet.report import fleet_status_table, write_report
-    store = FleetStore("fleet.db", create=False)
+    store = open_store("fleet.db", create=False)        # or "postgresql://fleet@db/fleet"
     rich.print(fleet_status_table(store.devices()))
     paths = write_report(store, "fleet-report")   # PNGs per device + fleet-report/README.md
 """
@@ -13,11 +13,14 @@ import datetime as dt
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...budget import format_size
 from ...errors import TelemetryError
 from .store import DeviceRow, FleetStore
+
+if TYPE_CHECKING:
+    from .store_pg import PgFleetStore
 
 __all__ = ["fleet_status_table", "write_report", "format_age"]
 
@@ -80,7 +83,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def write_report(store: FleetStore, out_dir: str | Path) -> list[Path]:
+def write_report(store: FleetStore | PgFleetStore, out_dir: str | Path) -> list[Path]:
     """Write per device ``<fleet>__<device>__latency.png`` and ``...__memory.png``
     (over time, memory against the budget) and a ``README.md`` summary into ``out_dir``;
     returns the paths written. TelemetryError if the store holds no device."""
@@ -97,14 +100,14 @@ def write_report(store: FleetStore, out_dir: str | Path) -> list[Path]:
     devices = store.devices()
     if not devices:
         raise TelemetryError(
-            f"fleet database {str(store.path)!r} holds no device yet; run `toma-edge fleet "
+            f"fleet database {store.path_or_url!r} holds no device yet; run `toma-edge fleet "
             "collect` while devices publish")
     now = time.time()
     written: list[Path] = []
     lines = [
         "# toma-edge fleet report", "",
         f"Generated {dt.datetime.fromtimestamp(now).isoformat(timespec='seconds')} from "
-        f"`{store.path}`: {len(devices)} devices.", "",
+        f"`{store.path_or_url}`: {len(devices)} devices.", "",
         "| fleet | device | state | model | last seen | p99 latency | peak RSS | budget "
         "| headroom | error rate | windows | rejected |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -1,97 +1,126 @@
-"""The fleet's SQLite store: status, telemetry and events, each message stored once.
+"""The fleet's store: status, telemetry and events, each message stored once, on SQLite
+(one machine, the default) or PostgreSQL (several collectors on several machines).
 
-    from toma_edge.host.fleet.store import FleetStore
-    store = FleetStore("fleet.db")
+    from toma_edge.host.fleet.store import open_store
+    store = open_store("fleet.db")                   # or "postgresql://fleet@db:5432/fleet"
     for dev in store.devices(): print(dev.fleet, dev.device_id, dev.online, dev.last_seen)
     rows = store.telemetry("plant-7", "pi-0042")      # oldest first
     print(store.seqs("plant-7", "pi-0042")[:5])       # [1, 2, 3, 4, 5]
+    print(store.rejects(limit=5))                     # dead letters, newest first
 
-One file in WAL mode, so several collectors on one host and readers (``fleet status``)
-share it. Telemetry and events have a primary key ``(fleet, device_id, seq)`` and are
-inserted with INSERT OR IGNORE: a message delivered twice is stored once. ``status``
-holds the last status per device (an upsert).
+Telemetry and events have a unique key ``(fleet, device_id, seq)`` and are inserted with
+``INSERT ... ON CONFLICT DO NOTHING``: a message delivered twice is stored once, and the
+collector acknowledges a message only after :meth:`write_batch` committed it. ``status``
+holds the last status per device (an upsert). ``rejects`` holds dead letters (the raw
+payload and the reason) and ``rejected`` counts them per device.
+
+A record the database refuses for its data (an integer beyond 64 bits, a NUL in a
+PostgreSQL string...) is dead-lettered with the database's reason, never retried: the
+batch is redone row by row inside savepoints. A failure that may pass (database locked,
+disk full, connection lost) raises :class:`StoreUnavailable`, nothing of the batch stored.
+
+SQLite: one file in WAL mode with ``synchronous=FULL`` (the broker forgets a message once
+acked, so the commit must be on disk), shared by collectors on one host and readers.
+Opening a store migrates its schema to the newest revision (alembic, see
+:mod:`toma_edge.host.fleet.schema`). Retention: :meth:`FleetStore.prune`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import TelemetryError
-from ...telemetry import EventMessage, Message, StatusMessage, TelemetryMessage
+from ...telemetry import EventMessage, Message, StatusMessage, TelemetryMessage, topic
 
-__all__ = ["FleetStore", "Record", "DeviceRow", "BatchResult"]
+if TYPE_CHECKING:
+    from .store_pg import PgFleetStore
+
+__all__ = ["FleetStore", "Record", "DeviceRow", "BatchResult", "Reject", "StoreUnavailable",
+           "open_store"]
 
 _TELEMETRY_FIELDS = [f for f in TelemetryMessage.model_fields if f != "v"]
 _STATUS_FIELDS = [f for f in StatusMessage.model_fields if f != "v"]
+TELEMETRY_COLUMNS = ["fleet", "device_id", *_TELEMETRY_FIELDS, "received_at"]
+EVENT_COLUMNS = ["fleet", "device_id", "seq", "ts", "kind", "fields", "received_at"]
+STATUS_COLUMNS = ["fleet", "device_id", *_STATUS_FIELDS, "received_at"]
+TABLES = ("telemetry", "events", "status", "rejected", "rejects")
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS status (
-    fleet TEXT NOT NULL, device_id TEXT NOT NULL,
-    {", ".join(f + (" INTEGER" if f == "online" else "") for f in _STATUS_FIELDS)},
-    received_at REAL NOT NULL,
-    PRIMARY KEY (fleet, device_id)
-);
-CREATE TABLE IF NOT EXISTS telemetry (
-    fleet TEXT NOT NULL, device_id TEXT NOT NULL,
-    {", ".join(_TELEMETRY_FIELDS)},
-    received_at REAL NOT NULL,
-    PRIMARY KEY (fleet, device_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    fleet TEXT NOT NULL, device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL, ts REAL NOT NULL, kind TEXT NOT NULL, fields TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    PRIMARY KEY (fleet, device_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rejected (
-    fleet TEXT NOT NULL, device_id TEXT NOT NULL,
-    count INTEGER NOT NULL, last_error TEXT NOT NULL, last_at REAL NOT NULL,
-    PRIMARY KEY (fleet, device_id)
-);
-"""
 
-_INSERT_TELEMETRY = (
-    f"INSERT OR IGNORE INTO telemetry (fleet, device_id, {', '.join(_TELEMETRY_FIELDS)}, "
-    f"received_at) VALUES ({', '.join('?' * (len(_TELEMETRY_FIELDS) + 3))})"
-)
-_INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (fleet, device_id, seq, ts, kind, fields, received_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_UPSERT_STATUS = (
-    f"INSERT INTO status (fleet, device_id, {', '.join(_STATUS_FIELDS)}, received_at) "
-    f"VALUES ({', '.join('?' * (len(_STATUS_FIELDS) + 3))}) "
-    f"ON CONFLICT(fleet, device_id) DO UPDATE SET "
+def _values(n: int) -> str:
+    return f"VALUES ({', '.join('?' * n)})"
+
+
+# the same SQL on both dialects (SQLite >= 3.24 has ON CONFLICT); "?" becomes "%s" for psycopg
+INSERT_TELEMETRY = (f"INSERT INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
+                    f"{_values(len(TELEMETRY_COLUMNS))} ON CONFLICT DO NOTHING")
+INSERT_EVENT = (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
+                f"{_values(len(EVENT_COLUMNS))} ON CONFLICT DO NOTHING")
+UPSERT_STATUS = (
+    f"INSERT INTO status ({', '.join(STATUS_COLUMNS)}) {_values(len(STATUS_COLUMNS))} "
+    "ON CONFLICT (fleet, device_id) DO UPDATE SET "
     + ", ".join(f"{f} = excluded.{f}" for f in [*_STATUS_FIELDS, "received_at"])
 )
-_UPSERT_REJECT = (
+UPSERT_REJECTED = (
     "INSERT INTO rejected (fleet, device_id, count, last_error, last_at) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT(fleet, device_id) DO UPDATE SET count = count + excluded.count, "
+    "ON CONFLICT (fleet, device_id) DO UPDATE SET count = rejected.count + excluded.count, "
     "last_error = excluded.last_error, last_at = excluded.last_at"
 )
+INSERT_REJECT = ("INSERT INTO rejects (fleet, device_id, topic, payload, reason, received_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True)
 class Record:
-    """One decoded message of a device, as received (``received_at``: unix seconds)."""
+    """One decoded message of a device, as received (``received_at``: unix seconds).
+
+    ``topic`` and ``payload`` (optional) are what arrived, kept for a dead letter should
+    the database refuse the record; without them the letter holds the decoded message."""
 
     fleet: str
     device_id: str
     message: Message
     received_at: float
+    topic: str = ""
+    payload: bytes = b""
+
+    @property
+    def kind(self) -> str:
+        m = self.message
+        return ("telemetry" if isinstance(m, TelemetryMessage)
+                else "events" if isinstance(m, EventMessage) else "status")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One dead letter: a message acknowledged but not stored (``received_at``: unix s)."""
+
+    fleet: str          # "?" when the topic itself was unusable
+    device_id: str      # "?" likewise
+    topic: str
+    payload: bytes      # raw, as received (bounded by the collector's max payload)
+    reason: str         # one line
+    received_at: float
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What one committed batch did: rows newly stored, and duplicates ignored."""
+    """What one committed batch did: telemetry+event rows newly stored, ignored as
+    duplicates, and records the database refused (moved to ``rejects``)."""
 
     stored: int
     duplicates: int
+    dead_lettered: int = 0
+
+
+class StoreUnavailable(TelemetryError):
+    """The database cannot take writes NOW (locked past the busy timeout, disk full,
+    connection lost, server down): retry later with backoff; nothing of the batch stored."""
 
 
 @dataclass(frozen=True)
@@ -127,12 +156,352 @@ class DeviceRow:
         return self.errors / self.requests if self.requests else None
 
 
-class FleetStore:
+def _split_db(db: str | Path) -> tuple[str, str]:
+    """``("sqlite", path)`` or ``("postgresql", conninfo URL)`` for what ``--db`` names."""
+    s = str(db)
+    low = s.lower()
+    if low.startswith(("postgresql://", "postgres://")):
+        return "postgresql", s
+    if low.startswith("postgresql+psycopg://"):
+        return "postgresql", "postgresql://" + s[len("postgresql+psycopg://"):]
+    if low.startswith("sqlite:///"):
+        return "sqlite", s[len("sqlite:///"):]
+    if "://" in s:
+        raise TelemetryError(
+            f"fleet database {s.split('://')[0]}:// is not supported; use a file path "
+            "(SQLite) or postgresql://user@host:port/db")
+    return "sqlite", s
+
+
+def open_store(db: str | Path, *, create: bool = True) -> FleetStore | PgFleetStore:
+    """A path (or ``sqlite:///path``) -> the SQLite store; ``postgresql://user@host:port/db``
+    -> the PostgreSQL store (password from PGPASSWORD or ~/.pgpass, as libpq reads them).
+    Both have the same public methods and are migrated to the newest schema on opening.
+    ``create=False``: a missing SQLite file is a TelemetryError (one line), as is an
+    unreachable server (:class:`StoreUnavailable`)."""
+    kind, target = _split_db(db)
+    if kind == "postgresql":
+        from .store_pg import PgFleetStore
+
+        return PgFleetStore(target)
+    return FleetStore(target, create=create)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (drivers' messages span lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _clean(text: str) -> str:
+    """Text any database takes: valid UTF-8 (lone surrogates escaped), no NUL."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _payload_of(r: Record) -> bytes:
+    if r.payload:
+        return r.payload
+    return r.message.model_dump_json().encode("utf-8", "backslashreplace")
+
+
+def _topic_of(r: Record) -> str:
+    if r.topic:
+        return r.topic
+    try:
+        return topic(r.fleet, r.device_id, r.kind)  # type: ignore[arg-type]
+    except Exception:
+        return f"toma-edge/v1/{r.fleet}/{r.device_id}/{r.kind}"
+
+
+def _json(fields: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(fields, sort_keys=True)
+
+
+def record_params(r: Record) -> tuple[Any, ...]:
+    """The row of one record for its table's INSERT (column order of ``*_COLUMNS``)."""
+    m = r.message
+    if isinstance(m, TelemetryMessage):
+        return (r.fleet, r.device_id, *(getattr(m, f) for f in _TELEMETRY_FIELDS),
+                r.received_at)
+    if isinstance(m, EventMessage):
+        return (r.fleet, r.device_id, m.seq, m.ts, m.kind, _json(m.fields), r.received_at)
+    return (r.fleet, r.device_id, *(getattr(m, f) for f in _STATUS_FIELDS), r.received_at)
+
+
+class _SqlStore:
+    """What both stores share: the batch logic, dead letters and every query; a dialect
+    provides ``_tx``, ``_savepoint``, ``_bulk``, ``_one``, ``_rows``, ``_dicts`` and the
+    error classification."""
+
+    path_or_url: str
+    _DATA_ERRORS: tuple[type[BaseException], ...] = ()
+
+    # -- dialect hooks ----------------------------------------------------------------------
+    def _tx(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _savepoint(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _bulk(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
+        """Insert rows of ``kind`` (telemetry, events, status); returns rows new."""
+        raise NotImplementedError
+
+    def _one(self, kind: str, row: tuple[Any, ...]) -> int:
+        return self._bulk(kind, [row])
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the rows it changed."""
+        raise NotImplementedError
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _unavailable(self, e: BaseException) -> StoreUnavailable:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------
+    def write_batch(
+        self,
+        records: Sequence[Record],
+        rejects: Iterable[Reject | tuple[str, str, int, str]] = (),
+    ) -> BatchResult:
+        """Store ``records`` and dead letters ``rejects`` in ONE transaction and commit.
+
+        Telemetry/events are inserted once per ``(fleet, device_id, seq)``, statuses
+        upserted (the last of a device in the batch wins), each :class:`Reject` goes to
+        ``rejects`` and bumps ``rejected`` (a legacy ``(fleet, device_id, count, error)``
+        tuple only bumps the counter). Records the database refuses for their data are
+        dead-lettered with its reason (``dead_lettered``). StoreUnavailable: nothing stored,
+        retry later."""
+        letters: list[Reject] = []
+        counters: list[tuple[str, str, int, str]] = []
+        for rej in rejects:
+            if isinstance(rej, Reject):
+                letters.append(rej)
+            else:
+                counters.append(rej)
+        items = [(r.kind, r, record_params(r)) for r in records]
+        try:
+            new = 0
+            with self._tx():
+                for kind in ("telemetry", "events"):
+                    rows = [p for k, _r, p in items if k == kind]
+                    if rows:
+                        new += self._bulk(kind, rows)
+                last: dict[tuple[str, str], tuple[Any, ...]] = {}
+                for k, r, p in items:
+                    if k == "status":
+                        last[(r.fleet, r.device_id)] = p
+                if last:
+                    self._bulk("status", list(last.values()))
+                self._put_rejects(letters, counters)
+            n = sum(1 for k, _r, _p in items if k != "status")
+            return BatchResult(stored=new, duplicates=n - new, dead_lettered=0)
+        except self._DATA_ERRORS:
+            pass  # some record is refused: find it, row by row
+        except Exception as e:
+            raise self._unavailable(e) from e
+        return self._write_rows(items, letters, counters)
+
+    def _write_rows(self, items: list[tuple[str, Record, tuple[Any, ...]]],
+                    letters: list[Reject], counters: list[tuple[str, str, int, str]],
+                    ) -> BatchResult:
+        now = time.time()
+        try:
+            with self._tx():
+                new = refused_rows = 0
+                refused: list[Reject] = []
+                for kind, r, params in items:
+                    try:
+                        with self._savepoint():
+                            changed = self._one(kind, params)
+                    except self._DATA_ERRORS as e:
+                        refused.append(Reject(
+                            r.fleet, r.device_id, _topic_of(r), _payload_of(r),
+                            f"database refused the {kind} record: {one_line(e)}", now))
+                        refused_rows += kind != "status"
+                        continue
+                    if kind != "status":
+                        new += changed
+                self._put_rejects(letters + refused, counters)
+        except Exception as e:
+            raise self._unavailable(e) from e
+        n = sum(1 for k, _r, _p in items if k != "status")
+        return BatchResult(stored=new, duplicates=n - new - refused_rows,
+                           dead_lettered=len(refused))
+
+    def _put_rejects(self, letters: Sequence[Reject],
+                     counters: Sequence[tuple[str, str, int, str]]) -> None:
+        now = time.time()
+        bump: dict[tuple[str, str], list[Any]] = {}
+        for f, d, n, err in counters:
+            e = bump.setdefault((_clean(f), _clean(d)), [0, ""])
+            e[0] += n
+            e[1] = _clean(err)
+        for x in letters:
+            f, d = _clean(x.fleet), _clean(x.device_id)
+            self._exec(INSERT_REJECT, (f, d, _clean(x.topic), bytes(x.payload),
+                                       _clean(x.reason), float(x.received_at)))
+            e = bump.setdefault((f, d), [0, ""])
+            e[0] += 1
+            e[1] = _clean(x.reason)
+        for (f, d), (n, err) in bump.items():
+            self._exec(UPSERT_REJECTED, (f, d, n, err, now))
+
+    def prune(self, older_than_s: float) -> dict[str, int]:
+        """Retention: delete telemetry, events and dead letters received more than
+        ``older_than_s`` seconds ago (by the collector's clock, ``received_at``); status
+        and the per-device reject counters stay. Returns rows deleted per table."""
+        if not older_than_s >= 0:
+            raise TelemetryError(f"retention must be >= 0 seconds, got {older_than_s}")
+        cutoff = time.time() - older_than_s
+        out: dict[str, int] = {}
+        try:
+            with self._tx():
+                for table in ("telemetry", "events", "rejects"):
+                    out[table] = self._exec(f"DELETE FROM {table} WHERE received_at < ?",
+                                            (cutoff,))
+        except Exception as e:
+            raise self._unavailable(e) from e
+        return out
+
+    # -- reading --------------------------------------------------------------------------
+    def _dicts(self, sql: str, params: Sequence[Any], cols: Sequence[str]
+               ) -> list[dict[str, Any]]:
+        return [dict(zip(cols, row, strict=True)) for row in self._rows(sql, params)]
+
+    def seqs(self, fleet: str, device_id: str, *, table: str = "telemetry") -> list[int]:
+        """Stored seqs of one device, ascending (``table``: telemetry or events)."""
+        if table not in ("telemetry", "events"):
+            raise TelemetryError(f"table {table!r} has no seq; use telemetry or events")
+        return [int(r[0]) for r in self._rows(
+            f"SELECT seq FROM {table} WHERE fleet = ? AND device_id = ? ORDER BY seq",
+            (fleet, device_id))]
+
+    def count(self, table: str = "telemetry") -> int:
+        """Rows in ``table`` (telemetry, events, status, rejected, rejects)."""
+        if table not in TABLES:
+            raise TelemetryError(f"unknown table {table!r}; use one of {', '.join(TABLES)}")
+        return int(self._rows(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+    def telemetry(self, fleet: str, device_id: str, *, since: float | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+        """Telemetry windows of one device, oldest first, as dicts of the columns (the
+        message fields, fleet, device_id, received_at): those with ``ts >= since`` (unix
+        seconds), the newest ``limit`` of them."""
+        where = "fleet = ? AND device_id = ?"
+        params: list[Any] = [fleet, device_id]
+        if since is not None:
+            where += " AND ts >= ?"
+            params.append(float(since))
+        cols = ", ".join(TELEMETRY_COLUMNS)
+        if limit is None:
+            sql = f"SELECT {cols} FROM telemetry WHERE {where} ORDER BY seq"
+        else:
+            sql = (f"SELECT {cols} FROM (SELECT {cols} FROM telemetry WHERE {where} "
+                   f"ORDER BY seq DESC LIMIT {max(0, int(limit))}) AS t ORDER BY seq")
+        return self._dicts(sql, params, TELEMETRY_COLUMNS)
+
+    def events(self, fleet: str, device_id: str) -> list[dict[str, Any]]:
+        """Every event of one device, oldest first (``fields``: a JSON object's text)."""
+        return self._dicts(
+            "SELECT seq, ts, kind, fields FROM events WHERE fleet = ? AND device_id = ? "
+            "ORDER BY seq", (fleet, device_id), ("seq", "ts", "kind", "fields"))
+
+    def rejects(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Dead letters, newest first: fleet, device_id, topic, payload (bytes), reason,
+        received_at."""
+        cols = ("fleet", "device_id", "topic", "payload", "reason", "received_at")
+        out = self._dicts(f"SELECT {', '.join(cols)} FROM rejects ORDER BY id DESC "
+                          f"LIMIT {max(0, int(limit))}", (), cols)
+        for d in out:
+            d["payload"] = bytes(d["payload"])
+        return out
+
+    def _device_keys(self) -> list[tuple[str, str]]:
+        return [(str(f), str(d)) for f, d in self._rows(
+            "SELECT fleet, device_id FROM status UNION SELECT fleet, device_id FROM telemetry "
+            "UNION SELECT fleet, device_id FROM rejected")]
+
+    def devices(self, *, error_window_s: float = 3600.0) -> list[DeviceRow]:
+        """One row per device seen (status, telemetry or rejects), sorted by fleet and id.
+
+        Memory comes from the device's last telemetry window; p99 latency from its last
+        window that served requests within ``error_window_s`` seconds of it (an idle last
+        window has no latency to show); the error rate counts those seconds' windows.
+        """
+        out: list[DeviceRow] = []
+        for fleet, dev in sorted(self._device_keys()):
+            key = (fleet, dev)
+            st = self._rows(
+                "SELECT online, model, model_version, target, received_at, budget_bytes "
+                "FROM status WHERE fleet = ? AND device_id = ?", key)
+            st0 = st[0] if st else None
+            lasts = self._rows(
+                "SELECT ts, latency_p99_s, rss_bytes, peak_rss_bytes, budget_bytes, model, "
+                "model_version, received_at FROM telemetry WHERE fleet = ? AND device_id = ? "
+                "ORDER BY seq DESC LIMIT 1", key)
+            last = lasts[0] if lasts else None
+            n, req, err = 0, 0, 0
+            p99 = None
+            if last is not None:
+                since = float(last[0]) - error_window_s
+                row = self._rows(
+                    "SELECT latency_p99_s FROM telemetry WHERE fleet = ? AND device_id = ? "
+                    "AND latency_p99_s IS NOT NULL AND ts >= ? ORDER BY seq DESC LIMIT 1",
+                    (*key, since))
+                p99 = row[0][0] if row else None
+                n, req, err = self._rows(
+                    "SELECT COUNT(*), COALESCE(SUM(requests), 0), COALESCE(SUM(errors), 0) "
+                    "FROM telemetry WHERE fleet = ? AND device_id = ? AND ts >= ?",
+                    (*key, since))[0]
+            rej = self._rows("SELECT count FROM rejected WHERE fleet = ? AND device_id = ?", key)
+            seen = [t for t in (st0[4] if st0 else None, last[7] if last else None) if t]
+            out.append(DeviceRow(
+                fleet=fleet, device_id=dev,
+                online=bool(st0[0]) if st0 and st0[0] is not None else None,
+                model=(last[5] if last and last[5] else (st0[1] if st0 else None)),
+                model_version=(last[6] if last and last[6] else (st0[2] if st0 else None)),
+                target=st0[3] if st0 else None,
+                last_seen=max(seen) if seen else None,
+                latency_p99_s=p99,
+                rss_bytes=last[2] if last else None,
+                peak_rss_bytes=last[3] if last else None,
+                budget_bytes=(last[4] if last and last[4] is not None
+                              else (st0[5] if st0 else None)),
+                requests=int(req), errors=int(err), telemetry_count=int(n),
+                rejected=int(rej[0][0]) if rej else 0,
+            ))
+        return out
+
+
+_SQLITE_SQL = {"telemetry": INSERT_TELEMETRY, "events": INSERT_EVENT, "status": UPSERT_STATUS}
+
+
+class FleetStore(_SqlStore):
     """The SQLite store; ``busy_timeout_s`` is how long a writer waits for another one."""
+
+    # refused for the data itself: binding an integer beyond 64 bits (OverflowError), a
+    # lone surrogate (UnicodeEncodeError), a constraint, a type sqlite3 cannot bind
+    _DATA_ERRORS = (OverflowError, UnicodeEncodeError, sqlite3.IntegrityError,
+                    sqlite3.DataError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0,
                  create: bool = True) -> None:
         self.path = Path(path)
+        self.path_or_url = str(self.path)
         if not create and not self.path.is_file():
             raise TelemetryError(
                 f"fleet database {str(self.path)!r} does not exist; run `toma-edge fleet "
@@ -148,142 +517,59 @@ class FleetStore:
             # FULL: the broker is acked right after COMMIT and then forgets the message, so
             # the commit must be on disk even if the OS crashes (one fsync per batch)
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise TelemetryError(f"fleet database {str(self.path)!r} cannot be opened: {e}") from e
+            from .schema import migrate_sqlite
+
+            migrate_sqlite(self.path, busy_timeout_s=busy_timeout_s)
+        except TelemetryError:
+            raise
+        except Exception as e:  # sqlite3.Error, OSError, alembic/SQLAlchemy's errors
+            raise TelemetryError(
+                f"fleet database {str(self.path)!r} cannot be opened: {one_line(e)}") from e
 
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
 
-    # -- writing --------------------------------------------------------------------------
-    def write_batch(
-        self,
-        records: Sequence[Record],
-        rejects: Iterable[tuple[str, str, int, str]] = (),
-    ) -> BatchResult:
-        """Store records (and reject counts ``(fleet, device_id, count, error)``) in ONE
-        transaction; returns what was new. Raises sqlite3.Error (nothing stored) on failure."""
-        tel: list[tuple[Any, ...]] = []
-        ev: list[tuple[Any, ...]] = []
-        st: list[tuple[Any, ...]] = []
-        for r in records:
-            m = r.message
-            if isinstance(m, TelemetryMessage):
-                tel.append((r.fleet, r.device_id, *(getattr(m, f) for f in _TELEMETRY_FIELDS),
-                            r.received_at))
-            elif isinstance(m, EventMessage):
-                ev.append((r.fleet, r.device_id, m.seq, m.ts, m.kind,
-                           _json(m.fields), r.received_at))
-            else:
-                st.append((r.fleet, r.device_id, *(getattr(m, f) for f in _STATUS_FIELDS),
-                           r.received_at))
-        now = time.time()
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = db.total_changes
-            if tel:
-                db.executemany(_INSERT_TELEMETRY, tel)
-            if ev:
-                db.executemany(_INSERT_EVENT, ev)
-            new = db.total_changes - before
-            if st:
-                db.executemany(_UPSERT_STATUS, st)
-            rej = [(f, d, n, err, now) for f, d, n, err in rejects]
-            if rej:
-                db.executemany(_UPSERT_REJECT, rej)
+            yield
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return BatchResult(stored=new, duplicates=len(tel) + len(ev) - new)
 
-    # -- reading --------------------------------------------------------------------------
-    def seqs(self, fleet: str, device_id: str, *, table: str = "telemetry") -> list[int]:
-        """Stored seqs of one device, ascending (``table``: telemetry or events)."""
-        if table not in ("telemetry", "events"):
-            raise TelemetryError(f"table {table!r} has no seq; use telemetry or events")
-        return [r[0] for r in self._db.execute(
-            f"SELECT seq FROM {table} WHERE fleet = ? AND device_id = ? ORDER BY seq",
-            (fleet, device_id))]
+    @contextlib.contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        db = self._db
+        db.execute("SAVEPOINT rec")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO rec")
+            db.execute("RELEASE rec")
+            raise
+        db.execute("RELEASE rec")
 
-    def count(self, table: str = "telemetry") -> int:
-        """Rows in ``table`` (telemetry, events, status)."""
-        if table not in ("telemetry", "events", "status", "rejected"):
-            raise TelemetryError(f"unknown table {table!r}")
-        return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    def _bulk(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
+        before = self._db.total_changes
+        self._db.executemany(_SQLITE_SQL[kind], rows)
+        return self._db.total_changes - before
 
-    def telemetry(self, fleet: str, device_id: str) -> list[dict[str, Any]]:
-        """Every telemetry window of one device, oldest first, as dicts of the message fields."""
-        cur = self._db.execute(
-            "SELECT * FROM telemetry WHERE fleet = ? AND device_id = ? ORDER BY seq",
-            (fleet, device_id))
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, row, strict=True)) for row in cur]
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._db.execute(sql, params).rowcount
 
-    def events(self, fleet: str, device_id: str) -> list[dict[str, Any]]:
-        """Every event of one device, oldest first."""
-        cur = self._db.execute(
-            "SELECT seq, ts, kind, fields FROM events WHERE fleet = ? AND device_id = ? "
-            "ORDER BY seq", (fleet, device_id))
-        return [{"seq": s, "ts": t, "kind": k, "fields": f} for s, t, k, f in cur]
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            raise self._unavailable(e) from e
 
-    def devices(self, *, error_window_s: float = 3600.0) -> list[DeviceRow]:
-        """One row per device seen (status or telemetry), sorted by fleet and id.
+    def _unavailable(self, e: BaseException) -> StoreUnavailable:
+        if isinstance(e, StoreUnavailable):
+            return e
+        return StoreUnavailable(f"fleet database {self.path_or_url!r}: {one_line(e)}")
 
-        Memory comes from the device's last telemetry window; p99 latency from its last
-        window that served requests within ``error_window_s`` seconds of it (an idle last
-        window has no latency to show); the error rate counts those seconds' windows.
-        """
-        keys = self._db.execute(
-            "SELECT fleet, device_id FROM status UNION SELECT fleet, device_id FROM telemetry "
-            "UNION SELECT fleet, device_id FROM rejected ORDER BY 1, 2").fetchall()
-        out: list[DeviceRow] = []
-        for fleet, dev in keys:
-            st = self._db.execute(
-                "SELECT online, model, model_version, target, received_at, budget_bytes "
-                "FROM status WHERE fleet = ? AND device_id = ?", (fleet, dev)).fetchone()
-            last = self._db.execute(
-                "SELECT ts, latency_p99_s, rss_bytes, peak_rss_bytes, budget_bytes, model, "
-                "model_version, received_at FROM telemetry WHERE fleet = ? AND device_id = ? "
-                "ORDER BY seq DESC LIMIT 1", (fleet, dev)).fetchone()
-            n, req, err = 0, 0, 0
-            p99 = None
-            if last is not None:
-                row = self._db.execute(
-                    "SELECT latency_p99_s FROM telemetry WHERE fleet = ? AND device_id = ? "
-                    "AND latency_p99_s IS NOT NULL AND ts >= ? ORDER BY seq DESC LIMIT 1",
-                    (fleet, dev, last[0] - error_window_s)).fetchone()
-                p99 = row[0] if row else None
-                n, req, err = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(requests), 0), COALESCE(SUM(errors), 0) "
-                    "FROM telemetry WHERE fleet = ? AND device_id = ? AND ts >= ?",
-                    (fleet, dev, last[0] - error_window_s)).fetchone()
-            rej = self._db.execute(
-                "SELECT count FROM rejected WHERE fleet = ? AND device_id = ?",
-                (fleet, dev)).fetchone()
-            seen = [t for t in (st[4] if st else None, last[7] if last else None) if t]
-            out.append(DeviceRow(
-                fleet=fleet, device_id=dev,
-                online=bool(st[0]) if st else None,
-                model=(last[5] if last and last[5] else (st[1] if st else None)),
-                model_version=(last[6] if last and last[6] else (st[2] if st else None)),
-                target=st[3] if st else None,
-                last_seen=max(seen) if seen else None,
-                latency_p99_s=p99,
-                rss_bytes=last[2] if last else None,
-                peak_rss_bytes=last[3] if last else None,
-                budget_bytes=(last[4] if last and last[4] is not None
-                              else (st[5] if st else None)),
-                requests=int(req), errors=int(err), telemetry_count=int(n),
-                rejected=int(rej[0]) if rej else 0,
-            ))
-        return out
-
-
-def _json(fields: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(fields, sort_keys=True)
