@@ -189,9 +189,10 @@ class Predictor:
         if isinstance(rows, np.ndarray):
             x = rows
         else:
-            try:
-                x = np.asarray(rows, dtype=np.float32)
-            except (ValueError, TypeError) as e:
+            try:  # a value beyond float32 becomes inf here and is refused below, quietly
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = np.asarray(rows, dtype=np.float32)
+            except (ValueError, TypeError, OverflowError) as e:
                 raise InputError(
                     f"rows must be a list of {spec.width} numbers each (same length); {e}"
                 ) from e

@@ -14,6 +14,12 @@ the listener, answer every request already accepted, flush telemetry and return 
 SIGHUP verifies, warms up and swaps in the bundle at the path given at start again
 (a ``current`` symlink switched to a new release folder); a bad bundle is refused and
 the old model keeps serving.
+
+Connections are bounded (:mod:`.connections`): a request head must arrive within
+``request_timeout_s``, idle keep-alive connections close after ``idle_timeout_s``, and
+at most ``max_connections`` stay open (the longest idle one is closed for a new one).
+Once stopped, the model is released before the interpreter exits, so the native
+runtime has nothing left to report as leaked.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def serve(config: ServiceConfig) -> int:
         stop()
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
+        _release(svc)
         return 0 if result["ok"] else 1
 
     import uvicorn
@@ -114,18 +121,42 @@ def serve(config: ServiceConfig) -> int:
         svc.start(loop)
         freeze_heap()  # the server's modules are imported by now
 
+    from .connections import guarded_protocol, raise_open_files_limit
+
     host, port = svc.http_address
     sock = _listen(host, port)
+    # every connection is a file descriptor; keep 64 for the model, spool, broker, logs
+    files = raise_open_files_limit(config.max_connections + 256)
+    max_conn = max(16, min(config.max_connections, files - 64))
+    head_bytes = 64 << 10
     ucfg = uvicorn.Config(
         make_app(svc, on_startup=startup, on_shutdown=stop), host=host, port=port,
-        loop=_loop(), http=_http(), lifespan="on", access_log=False, log_level="warning",
-        timeout_graceful_shutdown=int(config.drain_timeout_s), limit_concurrency=4096,
-        backlog=2048, timeout_keep_alive=30,
+        loop=_loop(), lifespan="on", access_log=False, log_level="warning",
+        http=guarded_protocol(_http(), head_timeout_s=config.request_timeout_s,
+                              max_connections=max_conn, max_head_bytes=head_bytes),
+        timeout_graceful_shutdown=int(config.drain_timeout_s), limit_concurrency=None,
+        backlog=2048, timeout_keep_alive=max(1, round(config.idle_timeout_s)),
+        h11_max_incomplete_event_size=head_bytes,
     )
     server = _Server(ucfg)
-    log.info("listening on http://%s:%d", host, port)
-    server.run(sockets=[sock])
+    log.info("listening on http://%s:%d (at most %d connections)", host, port, max_conn)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        _release(svc)
     return 0 if result["ok"] else 1
+
+
+def _release(svc: Service) -> None:
+    """Drop the model and everything that holds it before the interpreter exits: the
+    heap was frozen (:func:`freeze_heap`), so its cycles would never be collected and the
+    native runtime would report its objects as leaked at exit."""
+    try:
+        svc.close()
+    except Exception as e:  # noqa: BLE001 - best effort at exit
+        log.debug("releasing the model failed: %s", e)
+    gc.unfreeze()
+    gc.collect()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -48,10 +48,15 @@ class ServiceConfig:
     ``telemetry_interval_s``: seconds per telemetry window. ``window_s``: the longest a
     request waits to share a model call (seconds). ``max_queue_rows``: the queue's bound
     (None: from the working budget, at most 8 x max_batch). ``max_body_bytes``: largest
-    request body (bytes). ``max_batch_rows``: rows per model call at most (None: what
-    fits the budget; 1 turns micro-batching off). ``max_upload_bytes``: largest bundle
-    archive POST /v1/model takes. ``drain_timeout_s``: how long SIGTERM waits for
-    requests in flight. ``mqtt_password_file``, ``mqtt_ca_file``, ``mqtt_cert_file``,
+    request body (bytes; lowered to a 16th of the working budget a batch leaves free).
+    ``max_batch_rows``: rows per model call at most (None: what fits the budget; 1 turns
+    micro-batching off). ``max_upload_bytes``: largest bundle archive POST /v1/model
+    takes (bytes, streamed to disk; lowered to what the working budget can load beside
+    the serving model). ``request_timeout_s``: the longest a client may take to send a
+    request's head, or its body (seconds). ``idle_timeout_s``: a connection idle between
+    requests is closed after this (seconds). ``max_connections``: open HTTP connections
+    at most; a new one beyond it closes the longest idle one (lowered to fit the
+    open-files limit). ``drain_timeout_s``: how long SIGTERM waits for requests in flight. ``mqtt_password_file``, ``mqtt_ca_file``, ``mqtt_cert_file``,
     ``mqtt_key_file``: the broker password (else $TOMA_EDGE_MQTT_PASSWORD), the CA of an
     ``mqtts://`` broker and an optional client certificate and key (PEM).
     """
@@ -76,6 +81,9 @@ class ServiceConfig:
     max_body_bytes: int = 4 << 20
     max_batch_rows: int | None = None
     max_upload_bytes: int = 256 << 20
+    request_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 1024
     drain_timeout_s: float = 30.0
     telemetry: bool = True
 
@@ -150,6 +158,13 @@ class Service:
             rows = min(8 * p.manifest.max_batch, max(p.manifest.max_batch,
                                                       p.free_bytes // 4 // max(1, p.row_bytes)))
         self.max_request_rows = rows
+        free = max(1, p.free_bytes)
+        #: largest /v1/predict body (bytes): its parse may take ~16x its size for a moment
+        self.max_body_bytes = max(1024, min(config.max_body_bytes, free // 16))
+        #: bytes of request bodies held at once, all connections together (more: 503)
+        self.body_pool_bytes = max(self.max_body_bytes, free // 4)
+        #: largest upload (bytes): its model is read into memory beside the serving one
+        self.max_upload_bytes = max(1 << 20, min(config.max_upload_bytes, free + (1 << 20)))
         self.batcher = MicroBatcher(
             self.holder, window_s=config.window_s, max_queue_rows=rows,
             max_batch_rows=config.max_batch_rows, on_batch=self._on_batch)
@@ -219,11 +234,14 @@ class Service:
             self.agent.record_request(latency_s, rows, error=code >= 400)
 
     # -- model updates --------------------------------------------------------------------
-    def update(self, source: str | Path) -> ServedModel:
+    def update(self, source: str | Path, *, allow_contract_change: bool = True,
+               label: str | None = None) -> ServedModel:
         """Verify, warm up and swap in the bundle at ``source``; the old model keeps serving
-        on any error (raised)."""
+        on any error (raised; :class:`~.models.ContractChanged` when
+        ``allow_contract_change`` is False and rows or answers would change)."""
         try:
-            return self.holder.replace(source)
+            return self.holder.replace(source, allow_contract_change=allow_contract_change,
+                                       label=label)
         except TomaEdgeError as e:
             self.metrics.swap(False)
             log.error("model update refused: %s", e)
@@ -231,44 +249,89 @@ class Service:
                 self.agent.event("model_refused", source=str(source), error=str(e)[:500])
             raise
 
-    def persist_upload(self, archive: str | Path, model: ServedModel) -> str | None:
-        """Keep an uploaded bundle that went live across restarts.
+    def upload_dir(self) -> Path | None:
+        """Where uploads are unpacked: beside the releases when the service was started on
+        a ``current`` symlink (same file system: kept with a rename), else None (temp)."""
+        link = Path(self.config.bundle)
+        return link.resolve().parent if link.is_symlink() else None
+
+    def unpack_limits(self) -> dict[str, int]:
+        """Caps for unpacking an uploaded archive (:func:`toma_edge.bundle.extract_archive`):
+        unpacked bytes at most what the working budget leaves beside the serving model's
+        batch (model.pte is read into memory whole), 64 members, 100 x the archive's size."""
+        free = max(1 << 20, self.model.predictor.free_bytes)
+        return {"max_bytes": free, "max_members": 64, "max_ratio": 100}
+
+    def update_from_upload(self, archive: str | Path, *,
+                           allow_contract_change: bool = False) -> tuple[ServedModel, str | None]:
+        """Unpack an uploaded bundle archive once (within :meth:`unpack_limits`), verify,
+        warm up and swap it in, then keep it across restarts.
 
         When the service was started on a ``current`` symlink (the install layout:
-        ``releases/<version>`` and ``current``), the archive is unpacked and verified as a
-        new release beside the one ``current`` points at, and ``current`` is switched to
-        it atomically, so a restart or SIGHUP serves the same model. Returns the release
-        folder, or None when the bundle path is not a symlink (nothing to switch).
+        ``releases/<version>`` and ``current``), the unpacked folder becomes a new release
+        beside the one ``current`` points at, and ``current`` is switched to it
+        atomically, so a restart or SIGHUP serves the same model. Returns the model and
+        the release folder (None when the bundle path is not a symlink, or keeping it
+        failed: the model serves anyway). Raises like :meth:`update`; nothing switches then.
         """
-        import os
         import re
         import shutil
+        import tempfile
+        import uuid
 
-        from ...bundle import extract_archive, verify_bundle
+        from ...bundle import extract_archive
+        from ...manifest import MANIFEST_NAME, read_manifest
 
-        link = Path(self.config.bundle)
-        if not link.is_symlink():
-            return None
-        releases = link.resolve().parent
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", model.version) or "upload"
-        dest = releases / name
-        if dest.exists():
-            dest = releases / f"{name}-{model.sha256[:12]}"
-        tmp = releases / f".upload-{os.getpid()}-{name}"
+        releases = self.upload_dir()
+        if releases is not None:
+            tmp = releases / f".upload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="toma-edge-upload-"))
+        caps = self.unpack_limits()
         try:
-            if not dest.exists():
-                extract_archive(archive, tmp)
-                verify_bundle(tmp, trust_key=self.config.trust_key)
-                tmp.rename(dest)
-            target = os.path.relpath(dest, link.parent) if not os.path.isabs(os.readlink(link)) else str(dest)
-            new_link = link.with_name(f".{link.name}.new-{os.getpid()}")
-            new_link.unlink(missing_ok=True)
-            new_link.symlink_to(target)
-            os.replace(new_link, link)  # atomic: `current` always names a whole release
+            try:
+                extract_archive(archive, tmp, **caps)
+                version = read_manifest(tmp / MANIFEST_NAME).version
+            except TomaEdgeError as e:
+                self.metrics.swap(False)
+                self.holder.refused += 1
+                log.error("model upload refused: %s", e)
+                raise
+            dest = None
+            if releases is not None:
+                name = re.sub(r"[^A-Za-z0-9._-]", "_", version)[:100] or "upload"
+                dest = releases / name
+            new = self.update(tmp, allow_contract_change=allow_contract_change,
+                              label=str(dest) if dest is not None else "upload")
+            if dest is None:
+                return new, None
+            try:  # serving already: keeping it for restarts must not undo the swap
+                kept = self._keep_release(tmp, dest, new)
+            except (OSError, TomaEdgeError) as e:
+                log.error("uploaded bundle serves but was not kept for restarts: %s", e)
+                kept = None
+            return new, kept
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _keep_release(self, folder: Path, dest: Path, model: ServedModel) -> str:
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}-{model.sha256[:12]}")
+        if not dest.exists():
+            folder.rename(dest)
+        link = Path(self.config.bundle)
+        target = (os.path.relpath(dest, link.parent) if not os.path.isabs(os.readlink(link))
+                  else str(dest))
+        new_link = link.with_name(f".{link.name}.new-{os.getpid()}")
+        new_link.unlink(missing_ok=True)
+        new_link.symlink_to(target)
+        os.replace(new_link, link)  # atomic: `current` always names a whole release
         log.info("uploaded bundle kept as %s; %s -> %s", dest, link, dest.name)
         return str(dest)
+
+    def close(self) -> None:
+        """Release the model (its native program) once the service stopped."""
+        self.holder.close()
 
     def reload(self) -> ServedModel:
         """Read the bundle path given at start again (SIGHUP; suits a ``current`` symlink)."""
@@ -291,16 +354,23 @@ class Service:
 
     # -- views ----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """What /healthz answers."""
+        """What /healthz answers. ``status``: "draining" while stopping, "degraded" while
+        the MQTT front end (with ``--mqtt``) takes no requests (broker lost, subscription
+        refused, network thread gone), else "ok"."""
+        mqtt = None if self.mqtt is None else self.mqtt.health()
+        status = "ok"
+        if self.draining:
+            status = "draining"
+        elif self.config.mqtt and (mqtt is None or not mqtt["taking_requests"]):
+            status = "degraded"
         return {
-            "status": "draining" if self.draining else "ok",
+            "status": status,
             "model": self.model.describe(),
             "device_id": self.device_id, "fleet": self.fleet,
             "uptime_s": round(time.time() - self.started_at, 3),
             "queue_rows": self.batcher.queued_rows,
-            "telemetry": None if self.agent is None else {
-                "connected": self.agent.connected, "spooled": self.agent.spool.pending()},
-            "mqtt": None if self.mqtt is None else {"connected": self.mqtt.connected},
+            "telemetry": None if self.agent is None else self.agent.health(),
+            "mqtt": mqtt,
         }
 
     def prometheus(self) -> str:

@@ -10,14 +10,24 @@ Routes:
 - ``POST /v1/predict``: JSON ``{"inputs": [[...], ...]}`` or a ``.npy`` body
   (``Content-Type: application/x-npy``) -> ``{"outputs": [[...], ...]}`` (+ ``"classes"``);
   with ``Accept: application/x-npy`` the outputs come back as a float32 ``.npy``.
-  Errors are ``{"error": "..."}``: 400/413/415/422 for the request, 503 with
-  ``Retry-After`` when the queue is full or the service is stopping.
+  Errors are ``{"error": "..."}`` (one line): 400 malformed (invalid JSON or UTF-8,
+  NaN, nesting deeper than 32, integers outside int64, a broken .npy header), 408 a
+  body not sent within ``request_timeout_s`` (plus 1 s per 64 KiB), 413 too many bytes
+  or rows (a .npy's declared shape counts), 415 an unsupported content type, 422 rows
+  that do not fit the model (strings, booleans, a non-numeric .npy dtype, shape,
+  non-finite values), 503 with ``Retry-After`` when the queue or the bytes of bodies in
+  flight (a quarter of the free working budget) are full, or the service is stopping.
+  No client input gets a 5xx.
 - ``GET /healthz``: the serving model's name, version and manifest sha256, queue, links.
 - ``GET /readyz``: 200 while requests are taken, 503 while stopping.
 - ``GET /metrics``: Prometheus text format.
 - ``POST /v1/model``: a bundle ``.tar.gz`` with ``Authorization: Bearer <token>`` (the
-  token of ``--admin-token-file``, compared in constant time); verified, warmed up and
-  swapped in; 422 with the reason when refused (the old model keeps serving).
+  token of ``--admin-token-file``, compared in constant time), streamed to a file on
+  disk (never held in memory; 413 over the upload cap), unpacked within the budget's
+  caps, verified, warmed up and swapped in. 409 when its contract (input/output row
+  shapes and dtypes, task, classes) differs from the serving model's, unless the query
+  says ``?allow_contract_change=true``; 409 too while another update loads; 422 with
+  the reason when refused otherwise. The old model keeps serving on any refusal.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-import json
 import logging
 import os
 import tempfile
@@ -41,40 +50,85 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ...errors import BudgetError, TomaEdgeError
+from ...jsonio import dumps
 from ..predictor import Prediction
 from .app import Service
 from .batcher import Overloaded, ShuttingDown
-from .models import SwapInProgress
+from .models import ContractChanged, SwapInProgress
 from .protocol import NPY_TYPE, RequestError, decode_json, decode_npy, encode_answer, encode_error
 
-__all__ = ["make_app", "make_bare_app"]
+__all__ = ["make_app", "make_bare_app", "BodyPool"]
 
 log = logging.getLogger("toma_edge.service")
 JSON = "application/json"
+_SLOW_RATE = 64 << 10  # bytes/s: the slowest body upload a timeout allows for
 
 
 def _error(status: int, msg: str, headers: dict[str, str] | None = None) -> Response:
     return Response(encode_error(msg), status_code=status, media_type=JSON, headers=headers)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
+class BodyPool:
+    """Bytes of request bodies held at once, all connections together (on the loop's
+    thread only): a body that would pass ``limit`` is refused with 503, so many clients
+    sending large bodies at once cannot take the memory budget."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise Overloaded(f"busy: {self.held} bytes of request bodies are being received, "
+                             f"the most this device holds is {self.limit}; retry in 1 s")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+def _content_length(request: Request, limit: int, what: str) -> int | None:
     cl = request.headers.get("content-length")
-    if cl is not None:
-        if not cl.isdigit():
-            raise RequestError("Content-Length is not a number")
-        if int(cl) > limit:
-            raise RequestError(f"the body is {int(cl)} bytes, more than the {limit} this device "
-                               "takes; send fewer rows per request", 413)
-        return await request.body()
-    chunks, n = [], 0
-    async for c in request.stream():
-        n += len(c)
-        if n > limit:
-            raise RequestError(f"the body is more than the {limit} bytes this device takes; send "
-                               "fewer rows per request", 413)
-        chunks.append(c)
-    return b"".join(chunks)
+    if cl is None:
+        return None
+    cl = cl.strip()
+    if not (cl.isascii() and cl.isdigit()) or len(cl) > 18:
+        raise RequestError(f"Content-Length {cl[:20]!r} is not a number of bytes")
+    n = int(cl)
+    if n > limit:
+        raise RequestError(f"the body is {n} bytes, more than the {limit} this device takes "
+                           f"for {what}", 413)
+    return n
+
+
+async def _body(request: Request, limit: int, pool: BodyPool, held: list[int],
+                timeout_s: float) -> bytes:
+    """The request body (at most ``limit`` bytes, refused before they are read when
+    Content-Length says so), its bytes taken from ``pool`` (added to ``held[0]``: the
+    caller gives them back), within ``timeout_s`` plus 1 s per 64 KiB (408 otherwise)."""
+    n = _content_length(request, limit, "one request; send fewer rows per request")
+    if n is not None:
+        pool.take(n)
+        held[0] += n
+    budget = timeout_s + (n if n is not None else limit) / _SLOW_RATE
+
+    async def read() -> bytes:
+        chunks, got = [], 0
+        async for c in request.stream():
+            got += len(c)
+            if got > limit:
+                raise RequestError(f"the body is more than the {limit} bytes this device "
+                                   "takes; send fewer rows per request", 413)
+            if n is None:
+                pool.take(len(c))
+                held[0] += len(c)
+            chunks.append(c)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), budget)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the body did not arrive within {budget:.0f} s", 408) from None
 
 
 def _resolver(fut: asyncio.Future[Prediction]) -> Callable[[Prediction | None, BaseException | None], None]:
@@ -91,20 +145,34 @@ def _resolver(fut: asyncio.Future[Prediction]) -> Callable[[Prediction | None, B
     return done
 
 
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no", ""):
+        return False
+    raise RequestError(f"?{name}= takes true or false, got {value[:20]!r}")
+
+
 def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
              on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """The service's ASGI app. ``on_startup``/``on_shutdown`` run in the lifespan (the
     runner starts and stops the service there, after uvicorn drained its connections)."""
-    max_body = svc.config.max_body_bytes
+    max_body = svc.max_body_bytes
+    pool = BodyPool(svc.body_pool_bytes)
+    timeout_s = svc.config.request_timeout_s
 
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
         n = 0
         status = 200
+        held = [0]
         try:
             if svc.draining:
                 raise ShuttingDown("the service is shutting down; retry on another device")
-            body = await _body(request, max_body)
+            body = await _body(request, max_body, pool, held, timeout_s)
             p = svc.model.predictor
             ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
             if ctype == NPY_TYPE:
@@ -112,8 +180,11 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             elif ctype in (JSON, "text/json", "") or ctype.endswith("+json"):
                 rows = decode_json(body, p, max_rows=svc.max_request_rows)[1]
             else:
-                raise RequestError(f"unsupported Content-Type {ctype!r}; send application/json "
-                                   f"or {NPY_TYPE}", 415)
+                raise RequestError(f"unsupported Content-Type {ctype[:60]!r}; send "
+                                   f"application/json or {NPY_TYPE}", 415)
+            del body
+            pool.give(held[0])
+            held[0] = 0
             n = int(rows.shape[0])
             if n == 0:
                 pred = p.predict(rows)
@@ -129,7 +200,9 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
                 resp = Response(encode_answer(pred), media_type=JSON)
         except RequestError as e:
             status = e.status
-            resp = _error(status, str(e))
+            # a body not sent in time: close; one too large is drained by the server (within
+            # the connection's head timeout) so the client can read the answer
+            resp = _error(status, str(e), {"Connection": "close"} if status == 408 else None)
         except (Overloaded, ShuttingDown) as e:
             status = 503
             resp = _error(503, str(e), {"Retry-After": "1"})
@@ -143,11 +216,13 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             log.exception("predict failed")
             status = 500
             resp = _error(500, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            pool.give(held[0])
         svc.record("http", status, time.perf_counter() - t0, n)
         return resp
 
     async def healthz(request: Request) -> Response:
-        return Response(json.dumps(svc.health()), media_type=JSON)
+        return Response(dumps(svc.health()), media_type=JSON)
 
     async def readyz(request: Request) -> Response:
         if svc.draining:
@@ -157,6 +232,28 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
     async def metrics(request: Request) -> Response:
         return Response(svc.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def receive_upload(request: Request, f: Any) -> int:
+        """Stream the body into ``f`` (a file on disk), at most the upload cap."""
+        limit = svc.max_upload_bytes
+        n = _content_length(request, limit, "a bundle upload")
+        budget = timeout_s + (n if n is not None else limit) / _SLOW_RATE
+        got = 0
+
+        async def copy() -> None:
+            nonlocal got
+            async for c in request.stream():
+                got += len(c)
+                if got > limit:
+                    raise RequestError(f"the upload is more than the {limit} bytes this "
+                                       "device takes for a bundle", 413)
+                f.write(c)
+
+        try:
+            await asyncio.wait_for(copy(), budget)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the upload did not arrive within {budget:.0f} s", 408) from None
+        return got
+
     async def model(request: Request) -> Response:
         if svc.admin_token is None:
             return _error(403, "model updates over HTTP are off; start the service with "
@@ -164,35 +261,45 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
         auth = request.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), svc.admin_token.encode()):
+                given.strip().encode(errors="replace"), svc.admin_token.encode()):
             return _error(401, "a valid 'Authorization: Bearer <token>' header is needed",
                           {"WWW-Authenticate": "Bearer"})
         try:
-            body = await _body(request, svc.config.max_upload_bytes)
+            allow = _flag(request, "allow_contract_change")
         except RequestError as e:
             return _error(e.status, str(e))
-        if not body:
-            return _error(400, "the body must be a bundle .tar.gz (toma-edge build --archive)")
-        fd, path = tempfile.mkstemp(prefix="toma-edge-upload-", suffix=".tar.gz")
+        folder = svc.upload_dir()
+        try:
+            fd, path = tempfile.mkstemp(prefix=".toma-edge-upload-", suffix=".tar.gz",
+                                        dir=folder)
+        except OSError as e:
+            return _error(507, f"no room to receive the upload: {e.strerror}")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            del body
+                try:
+                    size = await receive_upload(request, f)
+                except RequestError as e:
+                    return _error(e.status, str(e),
+                                  {"Connection": "close"} if e.status == 408 else None)
+                except ClientDisconnect:
+                    return Response(status_code=499)
+                except OSError as e:
+                    return _error(507, f"no room to receive the upload: {e.strerror}")
+            if not size:
+                return _error(400, "the body must be a bundle .tar.gz (toma-edge build --archive)")
             try:
-                new = await asyncio.to_thread(svc.update, path)
-            except SwapInProgress as e:
+                new, kept = await asyncio.to_thread(
+                    svc.update_from_upload, path, allow_contract_change=allow)
+            except (SwapInProgress, ContractChanged) as e:
                 return _error(409, str(e))
             except TomaEdgeError as e:
                 return _error(422, f"bundle refused, still serving {svc.model.name} "
                                    f"{svc.model.version}: {e}")
-            try:  # serving already: keeping it for restarts must not undo the swap
-                kept = await asyncio.to_thread(svc.persist_upload, path, new)
-            except (OSError, TomaEdgeError) as e:
-                log.error("uploaded bundle serves but was not kept for restarts: %s", e)
-                kept = None
+            except OSError as e:
+                return _error(507, f"bundle refused, no room to unpack it: {e.strerror}")
         finally:
             os.unlink(path)
-        return Response(json.dumps({"model": new.describe(), "persisted": kept}), media_type=JSON)
+        return Response(dumps({"model": new.describe(), "persisted": kept}), media_type=JSON)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -214,9 +321,10 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
 def make_bare_app(predictor: Any) -> Starlette:
     """The bench's baseline on the same stack: parse JSON, call the model, answer. No
     validation, limits, batching, metrics or telemetry."""
+    import orjson
 
     async def predict(request: Request) -> Response:
-        x = np.asarray(json.loads(await request.body())["inputs"], dtype=np.float32)
+        x = np.asarray(orjson.loads(await request.body())["inputs"], dtype=np.float32)
         pred = predictor.predict(x)
         return Response(encode_answer(pred), media_type=JSON)
 

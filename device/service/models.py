@@ -4,6 +4,8 @@
     holder = ModelHolder.open("/var/lib/toma-edge/current", budget="512MiB", trust_key="fleet.pub")
     holder.current.name, holder.current.version, holder.current.sha256
     holder.replace("/tmp/upload.tar.gz")        # BundleError/BudgetError: the old model keeps serving
+    holder.replace(folder, allow_contract_change=False)   # ContractChanged if rows/answers differ
+    holder.close()                              # drop the model (native objects released)
 
 A replacement is loaded with :func:`~toma_edge.device.bundle.load_bundle` (schema, versions,
 every sha256, the signature when a trust key is set), wrapped in a
@@ -12,6 +14,12 @@ the memory budget beside the one still serving) and run once at batch 1 and at i
 size; only then does :attr:`ModelHolder.current` change, in one reference assignment.
 Batches already running finish on the old model, the next ones use the new one, so no
 request fails. The old model is freed once its last batch is done.
+
+A model's *contract* is what its clients rely on: the row shape and dtype of each input
+and output (beyond the batch axis), the task and the class labels.
+:func:`contract_difference` names the first difference; ``replace(...,
+allow_contract_change=False)`` refuses such a model with :class:`ContractChanged` before
+anything switches (uploads use it; an operator's SIGHUP does not).
 """
 
 from __future__ import annotations
@@ -26,16 +34,66 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BundleError, TomaEdgeError
+from ...manifest import MANIFEST_NAME, Manifest, read_manifest
 from ..bundle import load_bundle
 from ..predictor import Predictor
 
-__all__ = ["ServedModel", "ModelHolder", "SwapInProgress", "SwapHook"]
+__all__ = ["ServedModel", "ModelHolder", "SwapInProgress", "SwapHook", "ContractChanged",
+           "contract_difference"]
 
 log = logging.getLogger("toma_edge.service")
 
 
 class SwapInProgress(TomaEdgeError):
     """Another model update is being loaded; try again when it is done."""
+
+
+class ContractChanged(BundleError):
+    """The new model takes or answers something else than the serving one (HTTP 409)."""
+
+
+def contract_difference(old: Manifest, new: Manifest) -> str | None:
+    """The first difference clients would notice between two models (one line), or None:
+    the number, row shapes (beyond the batch axis) and dtypes of inputs and outputs, the
+    task and the class labels. Names, versions and compression may differ."""
+    for kind, a, b in (("input", old.inputs, new.inputs), ("output", old.outputs, new.outputs)):
+        if len(a) != len(b):
+            return f"{len(b)} {kind}s instead of {len(a)}"
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x.row_shape != y.row_shape:
+                return (f"{kind} {k} ('{y.name}') rows have shape {list(y.row_shape)} instead of "
+                        f"{list(x.row_shape)}")
+            if x.dtype != y.dtype:
+                return f"{kind} {k} ('{y.name}') has dtype {y.dtype} instead of {x.dtype}"
+    if old.task != new.task:
+        return f"task {new.task} instead of {old.task}"
+    if old.classes != new.classes:
+        def show(c: tuple[str, ...] | None) -> str:
+            return "none" if c is None else str(list(c))[:80]
+        return f"classes {show(new.classes)} instead of {show(old.classes)}"
+    return None
+
+
+def release_predictor(p: Predictor) -> None:
+    """Free a Predictor's native program now (``close``/``release`` where the adapter has
+    one), so nothing native is left for interpreter exit to report as leaked."""
+    program = getattr(p, "program", None)
+    for name in ("close", "release"):
+        fn = getattr(program, name, None)
+        if callable(fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - best effort at shutdown
+                log.debug("releasing the program failed: %s", e)
+            break
+    for holder in (p, getattr(p, "bundle", None)):
+        if holder is not None and hasattr(holder, "__dict__"):
+            for attr in ("program", "_run_into", "_run_many"):
+                if attr in vars(holder):
+                    try:
+                        object.__setattr__(holder, attr, None)
+                    except (AttributeError, TypeError):
+                        pass
 
 
 @dataclass(frozen=True)
@@ -148,8 +206,9 @@ class ModelHolder:
             raise BundleError("no model is loaded yet")
         return m
 
-    def load(self, source: str | Path) -> ServedModel:
-        """Verify, load and warm up the bundle at ``source`` without serving it."""
+    def load(self, source: str | Path, *, label: str | None = None) -> ServedModel:
+        """Verify, load and warm up the bundle at ``source`` without serving it
+        (``label``: what :attr:`ServedModel.source` says, default ``source``)."""
         t0 = time.perf_counter()
         b = load_bundle(source, trust_key=self.trust_key, threads=self.threads)
         p = Predictor(b, budget=self.budget)
@@ -157,26 +216,39 @@ class ModelHolder:
         log.info("loaded %s %s from %s in %.2f s (batch %d rows, %s)", p.manifest.name,
                  p.manifest.version, source, time.perf_counter() - t0, p.batch_size,
                  "signed" if b.signed else "unsigned")
-        return ServedModel(predictor=p, source=str(source), loaded_at=time.time())
+        return ServedModel(predictor=p, source=label or str(source), loaded_at=time.time())
 
-    def replace(self, source: str | Path) -> ServedModel:
+    def replace(self, source: str | Path, *, allow_contract_change: bool = True,
+                label: str | None = None) -> ServedModel:
         """Load ``source`` beside the serving model, then make it the serving one.
 
-        Raises BundleError/BudgetError/ConfigError (nothing changes then) or
-        :class:`SwapInProgress` if another update is loading.
+        Raises BundleError/BudgetError/ConfigError (nothing changes then),
+        :class:`ContractChanged` when ``allow_contract_change`` is False and the model's
+        contract differs from the serving one's, or :class:`SwapInProgress` if another
+        update is loading. ``label``: the source recorded for /healthz.
         """
         if not self._swap_lock.acquire(blocking=False):
             raise SwapInProgress("another model update is in progress; retry when it is done")
         try:
+            old = self._current
+            if not allow_contract_change and old is not None and Path(source).is_dir():
+                # a folder's manifest is read before loading anything (verified again by load)
+                self._check_contract(old, read_manifest(Path(source) / MANIFEST_NAME))
             try:
-                new = self.load(source)
+                new = self.load(source, label=label)
             except TomaEdgeError:
                 self.refused += 1
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. the runtime refusing the program
                 self.refused += 1
                 raise BundleError(f"{source}: the bundle cannot be loaded: {e}") from e
-            old, self._current = self._current, new
+            if not allow_contract_change and old is not None:
+                try:
+                    self._check_contract(old, new.predictor.manifest)
+                except ContractChanged:
+                    release_predictor(new.predictor)
+                    raise
+            self._current = new
             if old is not None:
                 self.swaps += 1
                 log.info("now serving %s %s (was %s %s)", new.name, new.version,
@@ -186,3 +258,19 @@ class ModelHolder:
             return new
         finally:
             self._swap_lock.release()
+
+    def _check_contract(self, old: ServedModel, new: Manifest) -> None:
+        diff = contract_difference(old.predictor.manifest, new)
+        if diff is not None:
+            self.refused += 1
+            raise ContractChanged(
+                f"{new.name} {new.version} changes the contract clients rely on: {diff} "
+                f"(serving {old.name} {old.version}); resend with ?allow_contract_change=true "
+                "to switch anyway")
+
+    def close(self) -> None:
+        """Stop serving: drop the model and release its native program (at shutdown)."""
+        with self._swap_lock:
+            old, self._current = self._current, None
+        if old is not None:
+            release_predictor(old.predictor)
