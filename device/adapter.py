@@ -15,14 +15,21 @@ adapters, chosen automatically, best first:
   it). Importing ``executorch.runtime`` instead would pull in the whole export stack.
 
 ``TOMA_EDGE_ADAPTER=pybind`` (or ``native``) forces one.
+
+A program's native memory goes with ``prog.close()``; :func:`release_native_programs`
+closes every live native program, and runs by itself at interpreter exit (atexit), so
+nanobind's leak check finds nothing even where a daemon thread (a server's) still holds
+a program when the process ends. ``serve`` calls it on shutdown.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +40,7 @@ import numpy as np
 from ..errors import BundleError, InputError
 
 __all__ = ["Program", "TensorInfo", "load_program", "available_adapters",
-           "native_executorch_version"]
+           "native_executorch_version", "release_native_programs"]
 
 _DTYPES = {"Float": np.float32, "Long": np.int64, "Int": np.int32, "Byte": np.uint8, "Char": np.int8}
 
@@ -184,8 +191,39 @@ class PybindProgram:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
 
 
+_live_native: weakref.WeakSet[NativeProgram] = weakref.WeakSet()
+_live_lock = threading.Lock()
+_atexit_registered = False
+
+
+def release_native_programs() -> int:
+    """Close every native program still alive in this process; returns how many.
+
+    Call it when a process is done serving (``serve``'s shutdown does), before the
+    interpreter exits: a program held by a daemon thread or a reference cycle is then
+    freed while nanobind can still free it, so its leak check prints nothing. Programs
+    closed here answer any later ``run`` with a BundleError. Registered with atexit the
+    first time a native program is loaded; safe to call more than once.
+    """
+    with _live_lock:
+        progs = list(_live_native)
+    for p in progs:
+        p.close()
+    return len(progs)
+
+
+def _track_native(prog: NativeProgram) -> None:
+    global _atexit_registered
+    with _live_lock:
+        _live_native.add(prog)
+        if not _atexit_registered:
+            atexit.register(release_native_programs)
+            _atexit_registered = True
+
+
 class NativeProgram:
-    """ExecuTorch through ``toma_edge_native`` (no torch)."""
+    """ExecuTorch through ``toma_edge_native`` (no torch). ``close()`` frees the native
+    program (see :func:`release_native_programs`)."""
 
     adapter = "native"
 
@@ -202,10 +240,30 @@ class NativeProgram:
         self.inputs = tuple(_info(s) for s in self._prog.inputs)
         self.outputs = tuple(_info(s) for s in self._prog.outputs)
         self._error = native.ExecuTorchError
+        _track_native(self)
+
+    def close(self) -> None:
+        """Free the native program now (idempotent). A call already running keeps its
+        own reference and finishes; later calls raise BundleError."""
+        self._prog = None
+        with _live_lock:
+            _live_native.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._prog is None
+
+    def _native_prog(self) -> Any:
+        prog = self._prog
+        if prog is None:
+            raise BundleError("the model was released (the process is shutting down); "
+                              "load the bundle again")
+        return prog
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        prog = self._native_prog()
         try:
-            return list(self._prog.run([np.ascontiguousarray(a) for a in arrays]))
+            return list(prog.run([np.ascontiguousarray(a) for a in arrays]))
         except (self._error, ValueError, TypeError) as e:
             raise InputError(f"ExecuTorch method failed: {e}") from e
 
@@ -216,8 +274,9 @@ class NativeProgram:
     def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
         """Run ``x`` in consecutive batches of ``size`` rows (one-input, one-output),
         each result into the matching rows of ``out``; one call into C++, GIL released."""
+        prog = self._native_prog()
         try:
-            self._prog.run_batches_into(x, out, int(size))
+            prog.run_batches_into(x, out, int(size))
         except (self._error, ValueError, TypeError) as e:
             raise InputError(f"ExecuTorch method failed: {e}") from e
 

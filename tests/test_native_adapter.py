@@ -106,3 +106,68 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+_HELD_AT_EXIT = """
+import gc, sys, threading
+import numpy as np
+from toma_edge.device.bundle import load_bundle
+
+b = load_bundle(sys.argv[1], threads=1, adapter="native")
+(y,) = b.program.run([np.zeros((2, 10), np.float32)])
+print(b.adapter, y.shape)
+# what a server leaves at exit: a daemon thread and a frozen reference cycle still hold it
+hold = threading.Event()
+threading.Thread(target=lambda p=b: hold.wait(), daemon=True).start()
+cycle: list = [b]
+cycle.append(cycle)
+del b
+gc.freeze()
+"""
+
+
+def test_native_program_held_at_exit_is_released_without_leak_report(example_bundle: Path) -> None:
+    """nanobind checks for live instances when the module is torn down: a program still
+    held at exit printed ~20 lines of 'nanobind: leaked ...' after every serve."""
+    r = subprocess.run([sys.executable, "-c", _HELD_AT_EXIT, str(example_bundle)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["native", "(2,", "1)"]
+    assert "leaked" not in r.stderr and r.stderr == "", r.stderr
+
+
+def test_native_close(example_bundle: Path) -> None:
+    a = load_program(example_bundle / "model.pte", adapter="native")
+    b = load_program(example_bundle / "model.pte", adapter="native")
+    x = _rows(a, 3)
+    (want,) = a.run([x])
+    a.close()
+    a.close()  # idempotent
+    assert a.closed and not b.closed
+    with pytest.raises(BundleError, match="the model was released"):
+        a.run([x])
+    with pytest.raises(BundleError, match="the model was released"):
+        a.run_batches_into(x, np.empty_like(want), 2)
+    np.testing.assert_array_equal(b.run([x])[0], want)  # the other one is untouched
+
+
+_RELEASE_ALL = """
+import sys
+import numpy as np
+from toma_edge.device.adapter import load_program, release_native_programs
+progs = [load_program(sys.argv[1], adapter="native") for _ in range(3)]
+progs[0].close()
+n = release_native_programs()
+try:
+    progs[1].run([np.zeros((1, 10), np.float32)])
+except Exception as e:
+    print(n, release_native_programs(), all(p.closed for p in progs), type(e).__name__)
+"""
+
+
+def test_release_native_programs_closes_every_live_one(example_bundle: Path) -> None:
+    # in a process of its own: it closes every program of the process it runs in
+    r = subprocess.run([sys.executable, "-c", _RELEASE_ALL, str(example_bundle / "model.pte")],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.split() == ["2", "0", "True", "BundleError"]
