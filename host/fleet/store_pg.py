@@ -109,7 +109,10 @@ class PgFleetStore(_SqlStore):
             return e
         if self._conn is not None and (self._conn.closed or self._conn.broken):
             self._conn = None  # reopened on the next call
-        return StoreUnavailable(f"fleet database {self.path_or_url}: {one_line(e)}")
+        msg = one_line(e)
+        if "password" in msg and "PGPASSWORD" not in msg:
+            msg += " (give the password in PGPASSWORD or ~/.pgpass, as libpq reads them)"
+        return StoreUnavailable(f"fleet database {self.path_or_url}: {msg}")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
