@@ -10,7 +10,13 @@ Every telemetry window and event goes first into the on-disk :class:`~.spool.Spo
 leaves it only once the broker acknowledged it (QoS 1 PUBACK), so broker outages and
 device restarts (SIGKILL included) lose nothing; ``seq`` continues across restarts.
 On connect the agent publishes a retained birth on ``status``; its Last Will (and
-:meth:`TelemetryAgent.close`) set it offline. The inference service calls
+:meth:`TelemetryAgent.close`) set it offline. :meth:`TelemetryAgent.close` stops at once
+when no collector takes the messages: what is not acknowledged stays spooled and leaves on
+the next start. The agent's connection is the device's only one (a broker that binds
+client ids to usernames allows one per identity): the inference front end shares it
+(:meth:`TelemetryAgent.share_connection`). No exception of a paho callback reaches paho's
+network thread: each is caught, counted (:meth:`TelemetryAgent.health`) and logged at
+most once a minute. The inference service calls
 :meth:`~TelemetryAgent.record_request` per request and :meth:`~TelemetryAgent.event`,
 :meth:`~TelemetryAgent.set_model`, :meth:`~TelemetryAgent.set_batch_size` as things change.
 """
@@ -68,6 +74,72 @@ ConnectionHook = Callable[[bool], None]
 
 _AGENT = "toma-edge-agent/1"
 _NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code 0x10
+
+
+class ThrottledLog:
+    """Logs a kind of problem once, then at most once per ``interval_s`` seconds with the
+    number of occurrences in between, so a flood of bad messages costs no log flood."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args: object,
+                 exc_info: bool = False) -> None:
+        """Log ``msg % args`` under ``key`` unless the same key was logged recently."""
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._last.get(key, (-1e18, 0))
+            if now - last < self._interval:
+                self._last[key] = (last, skipped + 1)
+                return
+            self._last[key] = (now, 0)
+        if skipped:
+            msg += f" ({skipped} more like this in the last {self._interval:.0f} s)"
+        self._log.log(level, msg, *args, exc_info=exc_info)
+
+
+def tolerate_bom_in_mqtt_strings() -> None:
+    """Make paho-mqtt accept U+FEFF in MQTT v5 string properties, as MQTT requires.
+
+    paho 2.x treats U+FEFF in a received string property (Response Topic, Content Type,
+    User Property) as a malformed packet and drops the connection, although MQTT 5.0
+    [MQTT-1.5.4-3] says it MUST be accepted and mosquitto forwards it: one request
+    carrying it would disconnect the device (its Last Will says offline) every time.
+    This replaces paho's ``properties.readUTF`` with the same check minus that rule;
+    bytes that are not UTF-8 become a malformed packet (paho raised UnicodeDecodeError
+    in its network thread). Idempotent; leaves a paho that accepts U+FEFF alone.
+    """
+    from paho.mqtt import properties
+    from paho.mqtt.exception import MalformedPacket
+
+    original = properties.readUTF
+    if getattr(original, "_toma_edge", False):
+        return
+    try:
+        original(b"\x00\x03\xef\xbb\xbf", 5)
+        return  # this paho reads U+FEFF as it should
+    except MalformedPacket:
+        pass
+
+    def read_utf(buffer: Any, maxlen: int) -> tuple[str, int]:
+        if maxlen < 2:
+            raise MalformedPacket("Not enough data to read string length")
+        length = properties.readInt16(buffer)
+        if length > maxlen - 2:
+            raise MalformedPacket("Length delimited string too long")
+        try:
+            text = bytes(buffer[2:2 + length]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MalformedPacket(f"[MQTT-1.5.4-1] invalid UTF-8: {e}") from None
+        if "\x00" in text:
+            raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
+        return text, length + 2  # surrogates cannot come out of a strict UTF-8 decode
+
+    read_utf._toma_edge = True  # type: ignore[attr-defined]
+    properties.readUTF = read_utf
 
 
 class RequestWindow:
@@ -267,9 +339,19 @@ class TelemetryAgent:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._client: Any = None
+        self._callback_errors = 0
+        self._connects = 0
+        self._retry_pending = False
+        self._shared: list[tuple[Callable[[Any], None], Callable[[], None]]] = []
+        self._connack_props: Any = None
+        self._shared_lock = threading.Lock()
+        self._throttled = ThrottledLog(log)
         if settings is not None:
+            tolerate_bom_in_mqtt_strings()
             cid = client_id or f"toma-edge-{self.fleet}-{self.device_id}"
-            self._client = make_client(settings, client_id=cid, max_inflight=max_inflight)
+            # room for the inference answers that share this connection beside telemetry
+            self._client = make_client(settings, client_id=cid,
+                                       max_inflight=max_inflight + 100)
             self._client.will_set(
                 self._topics["status"], self._status(online=False).encode(), qos=1, retain=True
             )
@@ -305,34 +387,94 @@ class TelemetryAgent:
 
     @property
     def connected(self) -> bool:
-        """Whether the broker accepted our connection and it is up now."""
-        return self._connected.is_set()
+        """Whether the broker accepted our connection, it is up now and paho's network
+        thread runs."""
+        return self._connected.is_set() and self._network_alive()
+
+    def _network_alive(self) -> bool:
+        t = getattr(self._client, "_thread", None)
+        return t is None or t.is_alive()
+
+    @property
+    def callback_errors(self) -> int:
+        """Exceptions caught in paho callbacks (each would have stopped paho's thread)."""
+        return self._callback_errors
+
+    def health(self) -> dict[str, object]:
+        """The agent's side of /healthz: connection, spool, counted problems."""
+        return {
+            "connected": self.connected,
+            "network_thread_alive": self._client is None or self._network_alive(),
+            "connects": self._connects,
+            "spooled": self._spool.pending(),
+            "rejected": self._rejected,
+            "callback_errors": self._callback_errors,
+        }
+
+    @property
+    def client(self) -> Any:
+        """The paho client of the device's broker connection (None without a broker)."""
+        return self._client
+
+    def share_connection(self, *, on_connect: Callable[[Any], None],
+                         on_disconnect: Callable[[], None]) -> Any:
+        """Let another part of the device (the inference front end) use this agent's MQTT
+        connection; returns the paho client (None without a broker).
+
+        ``on_connect(connack_properties)`` runs in paho's thread after every successful
+        connect (at once when connected already), ``on_disconnect()`` after every loss; exceptions in them
+        are caught and counted like the agent's own. The agent still owns the connection:
+        :meth:`close` ends it.
+        """
+        if self._client is None:
+            return None
+        with self._shared_lock:
+            self._shared.append((on_connect, on_disconnect))
+            now = self._connected.is_set()
+        if now:
+            self._guard("connect hook", on_connect, self._connack_props)
+        return self._client
+
+    def _guard(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run a callback in paho's thread: any exception is counted and logged, never
+        raised into paho's network thread."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - an exception here would stop paho's thread
+            self._callback_errors += 1
+            self._throttled(logging.ERROR, what, "MQTT %s failed; carrying on", what,
+                            exc_info=True)
 
     @property
     def spool(self) -> Spool:
         """The on-disk outbox (pending count, seq counters, drops)."""
         return self._spool
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
+    def flush(self, timeout_s: float = 10.0, *, give_up_unrouted: bool = False) -> bool:
         """Wait up to ``timeout_s`` seconds until the broker acknowledged everything spooled;
-        True if the spool is empty."""
+        True if the spool is empty. ``give_up_unrouted``: return False as soon as the
+        broker answered "no matching subscribers" (retrying then only waits)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self._spool.pending() == 0:
                 return True
             if time.monotonic() >= deadline or self._client is None:
                 return False
+            if give_up_unrouted and self._retry_pending:
+                return False
             self._wake.set()
             time.sleep(0.02)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop gracefully: deliver what is spooled (up to ``timeout_s`` seconds), publish
-        the offline status, disconnect. What could not be delivered stays in the spool."""
+        """Stop gracefully: deliver what is spooled (up to ``timeout_s`` seconds, but no
+        longer once the broker said nobody takes it: no collector subscribed), publish
+        the offline status, disconnect. What could not be delivered stays in the spool
+        and leaves on the next start."""
         if self._closed:
             return
         self._closed = True
         if self._client is not None and self._connected.is_set():
-            self.flush(timeout_s)
+            self.flush(timeout_s, give_up_unrouted=True)
         self._stop.set()
         self._wake.set()
         for t in self._threads:
@@ -343,7 +485,7 @@ class TelemetryAgent:
                     self._topics["status"], self._status(online=False).encode(),
                     qos=1, retain=True)
                 try:
-                    info.wait_for_publish(timeout=min(2.0, timeout_s))
+                    info.wait_for_publish(timeout=min(1.0, timeout_s))
                 except (RuntimeError, ValueError):
                     pass
             self._client.disconnect()
@@ -444,11 +586,33 @@ class TelemetryAgent:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._connack_props = properties
+        self._guard("connect handler", self._connect, client, reason)
+        if not reason.is_failure:
+            with self._shared_lock:
+                hooks = [h[0] for h in self._shared]
+            for hook in hooks:
+                self._guard("connect hook", hook, properties)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._guard("disconnect handler", self._disconnect, reason)
+        with self._shared_lock:
+            hooks = [h[1] for h in self._shared]
+        for hook in hooks:
+            self._guard("disconnect hook", hook)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        self._guard("publish handler", self._published, mid, reason)
+
+    def _connect(self, client: Any, reason: Any) -> None:
         if reason.is_failure:
             log.warning("MQTT broker %s refused device %s: %s",
                         self._settings.url if self._settings else "?", self.device_id, reason)
             return
         log.info("connected to MQTT broker %s", self._settings.url if self._settings else "?")
+        self._connects += 1
         self._connected.set()
         client.publish(self._topics["status"], self._status(online=True).encode(), qos=1,
                        retain=True)
@@ -456,8 +620,7 @@ class TelemetryAgent:
         if self._on_conn:
             self._on_conn(True)
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _disconnect(self, reason: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stop.is_set():
@@ -465,8 +628,7 @@ class TelemetryAgent:
             if self._on_conn:
                 self._on_conn(False)
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _published(self, mid: int, reason: Any) -> None:
         # runs in paho's thread under its message lock (before the message is marked
         # published): touch nothing of ours but a deque and counters
         value = getattr(reason, "value", 0)
@@ -474,7 +636,8 @@ class TelemetryAgent:
             self._unrouted.append(mid)
         elif getattr(reason, "is_failure", False):
             self._rejected += 1
-            log.error("broker refused message %d: %s", mid, reason)
+            self._throttled(logging.ERROR, "refused", "broker refused message %d: %s",
+                            mid, reason)
         self._wake.set()
 
     def _sender(self) -> None:
@@ -515,6 +678,7 @@ class TelemetryAgent:
                         done.append(row.id)
                         warned = False
                 inflight = waiting
+                self._retry_pending = bool(retry)
                 if done:
                     self._spool.delete(done)
                 if self._stop.is_set():
@@ -530,7 +694,12 @@ class TelemetryAgent:
                         inflight.append((row, self._publish_row(row)))
                         cursor = row.id
             except TelemetryError as e:  # disk full, spool gone: say so, keep trying
-                log.error("%s", e)
+                self._throttled(logging.ERROR, "spool", "%s", e)
+                time.sleep(1.0)
+            except Exception:  # noqa: BLE001 - the sender must outlive any one failure
+                self._callback_errors += 1
+                self._throttled(logging.ERROR, "sender", "telemetry sender failed; carrying on",
+                                exc_info=True)
                 time.sleep(1.0)
 
     def _publish_row(self, row: SpoolRow) -> Any:

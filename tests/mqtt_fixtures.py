@@ -7,7 +7,10 @@
 
 The config is host/fleet/mosquitto/mosquitto.conf and its acl, with paths and ports moved
 into a temporary folder; users get passwords from :func:`password_for`; the TLS listener's
-certificate is signed by a CA made with openssl here.
+certificate is signed by a CA made with openssl here. The shipped config makes every
+client's id its username, so each user holds one connection at a time: collectors are
+``collector``, ``collector-2``, ``collector-3`` (:data:`COLLECTORS`), clients
+``client-app`` and ``client-app-2``, devices ``dev-0`` ... ``dev-11``, and ``deployer``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from toma_edge.telemetry import PASSWORD_ENV, MqttSettings, mqtt_settings
 MOSQUITTO = "/usr/sbin/mosquitto"
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "host" / "fleet" / "mosquitto"
-USERS = ["collector", "client-app", *(f"dev-{i}" for i in range(12))]
+COLLECTORS = ["collector", "collector-2", "collector-3"]
+USERS = [*COLLECTORS, "client-app", "client-app-2", "deployer",
+         *(f"dev-{i}" for i in range(12))]
 
 
 def password_for(user: str) -> str:
@@ -110,6 +115,16 @@ class Broker:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text(conf)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._collector_users: dict[str, str] = {}
+
+    def collector_user(self, client_id: str) -> str:
+        """The collector identity (username, so the broker's client id) that stands for
+        ``client_id`` on this broker: the same one each time, a new one of
+        :data:`COLLECTORS` for each new id (round robin)."""
+        if client_id not in self._collector_users:
+            used = len(self._collector_users)
+            self._collector_users[client_id] = COLLECTORS[used % len(COLLECTORS)]
+        return self._collector_users[client_id]
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start mosquitto and wait until both listeners accept connections."""
@@ -179,15 +194,20 @@ def start_device(broker: Broker, *, device_id: str, spool: Path, count: int, rat
 
 
 def start_collector(broker: Broker, *, db: Path, client_id: str,
-                    log: Path | None = None, share_group: str | None = None
-                    ) -> subprocess.Popen[bytes]:
-    """Run ``toma-edge fleet collect`` as a process; returns once it is subscribed."""
+                    log: Path | None = None, share_group: str | None = None,
+                    user: str | None = None) -> subprocess.Popen[bytes]:
+    """Run ``toma-edge fleet collect`` as a process; returns once it is subscribed.
+
+    The broker makes the username the client id, so each collector process needs an
+    identity of its own: ``user`` (default :meth:`Broker.collector_user` of
+    ``client_id``, the same for a restart with the same ``client_id``)."""
     out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115
     group = ["--share-group", share_group] if share_group else []
+    user = user or broker.collector_user(client_id)
     proc = subprocess.Popen(
         [sys.executable, "-m", "toma_edge.cli", "fleet", "collect", "--mqtt",
-         broker.url("collector"), "--db", str(db), "--client-id", client_id, *group],
-        env=broker.env("collector"), stdout=out, stderr=out)
+         broker.url(user), "--db", str(db), "--client-id", client_id, *group],
+        env=broker.env(user), stdout=out, stderr=out)
     if log is not None:
         wait_until(lambda: "collecting from" in log.read_text(errors="replace")
                    or proc.poll() is not None, 20, "the collector to subscribe")

@@ -45,11 +45,13 @@ def test_mqtt_requests_answers_errors_and_telemetry(
         "--device-id", DEV, "--telemetry-interval", "1", "--spool", str(tmp_path / "spool.db"),
         "--threads", "1"])
     app, answers = _client(mqtt_broker, "client-app")
-    old, v3answers = _client(mqtt_broker, "client-app", v5=False)
+    # one connection per user (the broker makes the username the client id)
+    old, v3answers = _client(mqtt_broker, "client-app-2", v5=False)
     try:
         resp = f"{BASE}/infer/response/client-app"
         app.subscribe(resp + "/#", qos=1)
-        old.subscribe(resp + "/v3", qos=1)
+        resp3 = f"{BASE}/infer/response/client-app-2/v3"
+        old.subscribe(resp3, qos=1)
         deadline = time.monotonic() + 20
         while "taking inference requests" not in svc.tail():
             assert time.monotonic() < deadline, svc.tail()
@@ -71,25 +73,22 @@ def test_mqtt_requests_answers_errors_and_telemetry(
         # a response topic outside the device's response tree: never answered
         ask(json.dumps({"inputs": rows.tolist()}).encode(), b"req-4", topic=f"{BASE}/status")
         old.publish(f"{BASE}/infer/request", json.dumps(
-            {"inputs": rows[:1].tolist(), "reply_to": resp + "/v3", "id": 42}).encode(), qos=1)
+            {"inputs": rows[:1].tolist(), "reply_to": resp3, "id": 42}).encode(), qos=1)
 
         by_corr: dict[bytes, dict[str, Any]] = {}
         while len(by_corr) < 3:
             msg = answers.get(timeout=20)
-            if msg.topic != resp + "/v5":
-                continue  # the v3.1.1 client's answer, checked below
+            assert msg.topic == resp + "/v5", msg.topic
             by_corr[msg.properties.CorrelationData] = json.loads(msg.payload)
         want = offline(example_bundle, rows)
         np.testing.assert_allclose(np.array(by_corr[b"req-1"]["outputs"]), want, atol=1e-5)
         assert by_corr[b"req-2"]["status"] == 422 and "shape [10]" in by_corr[b"req-2"]["error"]
-        assert by_corr[b"req-3"]["status"] == 400 and "malformed JSON" in by_corr[b"req-3"]["error"]
+        assert by_corr[b"req-3"]["status"] == 400 and "invalid JSON" in by_corr[b"req-3"]["error"]
         v3 = json.loads(v3answers.get(timeout=20).payload)
         assert v3["id"] == 42
         np.testing.assert_allclose(np.array(v3["outputs"]), want[:1], atol=1e-5)
         time.sleep(0.5)
-        while not answers.empty():
-            m = answers.get()
-            assert m.topic == resp + "/v3", f"unexpected answer on {m.topic}"
+        assert answers.empty(), f"unexpected answer on {answers.get().topic}"
         assert "names no response topic" in svc.tail()
 
         # telemetry windows count the requests; status names the model
@@ -107,7 +106,10 @@ def test_mqtt_requests_answers_errors_and_telemetry(
             elif msg.topic.endswith("/status"):
                 status.append(json.loads(msg.payload))
         assert any(s["online"] and s["model"] == "seed-regression" for s in status), status
-        assert svc.health()["mqtt"]["connected"] is True
+        h = svc.health()
+        assert h["mqtt"]["connected"] is True and h["mqtt"]["taking_requests"] is True
+        assert h["mqtt"]["shared_connection"] is True and h["status"] == "ok", h
+        assert h["mqtt"]["unanswerable"] == 1 and h["mqtt"]["callback_errors"] == 0, h
         assert svc.stop(signal.SIGTERM) == 0, svc.tail()
         deadline = time.monotonic() + 10
         offline_seen = False
