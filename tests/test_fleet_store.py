@@ -125,6 +125,21 @@ def test_refused_record_is_dead_lettered_not_retried(store: Any) -> None:
     assert store.count("status") == 1 and store.count("rejects") == 2
 
 
+@pytest.mark.parametrize("method", ["copy", "executemany", "values"])
+def test_postgres_insert_methods_agree(pg_url: str, method: str) -> None:
+    from toma_edge.host.fleet.store_pg import PgFleetStore
+
+    with PgFleetStore(pg_url, method=method) as s:
+        batch = [tel("d1", i) for i in range(1, 30)] + [event("d1", 1), event("d1", 2)]
+        assert s.write_batch(batch) == BatchResult(31, 0, 0)
+        assert s.write_batch(batch[20:] + [tel("d1", 30)]) == BatchResult(1, 11, 0)
+        bad = [refused("d2", 2**64), tel("d2", 1), tel("d2", 2)]
+        assert s.write_batch(bad + [tel("d2", 3, model="m\u00e9")]) == BatchResult(3, 0, 1)
+        assert s.seqs("f", "d2") == [1, 2, 3]
+        assert s.write_batch(bad) == BatchResult(0, 2, 1)  # same transaction's temp tables
+        assert "bigint" in s.rejects(limit=1)[0]["reason"]
+
+
 def test_collector_rejects_stored_raw(store: Any) -> None:
     raw = b'{"v":1,"seq":"3"}\x00\xff'
     res = store.write_batch([tel("d1", 1)], [

@@ -7,8 +7,9 @@
 Same methods and semantics as the SQLite :class:`~toma_edge.host.fleet.store.FleetStore`
 (unique ``(fleet, device_id, seq)``, ``INSERT ... ON CONFLICT DO NOTHING``, one
 transaction per batch, dead letters, StoreUnavailable for what may pass). A batch is
-written with ``executemany`` in pipeline mode (one round trip for the batch; measured
-against COPY into a temporary table in bench/bench_telemetry.py: see
+written with COPY into a temporary table, then ``INSERT ... SELECT ... ON CONFLICT DO
+NOTHING`` (measured against ``executemany`` in pipeline mode and a multi-row VALUES
+insert with ``python bench/bench_telemetry.py --only pg-insert``: see
 bench/results/telemetry.md). The connection runs in autocommit for reads; a batch is an
 explicit transaction. A lost connection raises StoreUnavailable and is reopened on the
 next call. Time-based retention: :meth:`prune` (by ``received_at``, indexed).
@@ -40,6 +41,8 @@ __all__ = ["PgFleetStore", "redact_url"]
 
 _SQL = {k: v.replace("?", "%s") for k, v in
         (("telemetry", INSERT_TELEMETRY), ("events", INSERT_EVENT), ("status", UPSERT_STATUS))}
+METHODS = ("values", "executemany", "copy")
+_VALUES_CHUNK = 1000  # rows per multi-row INSERT (24 columns: well under 65535 parameters)
 _COLUMNS = {"telemetry": TELEMETRY_COLUMNS, "events": EVENT_COLUMNS, "status": STATUS_COLUMNS}
 
 
@@ -58,18 +61,20 @@ def redact_url(url: str) -> str:
 
 class PgFleetStore(_SqlStore):
     """The PostgreSQL store at ``url`` (``postgresql://user@host:port/db``); ``method``:
-    how a batch is inserted, ``"executemany"`` (pipeline mode) or ``"copy"`` (COPY into a
-    temporary table, then INSERT ... SELECT ... ON CONFLICT DO NOTHING)."""
+    how a batch is inserted, ``"copy"`` (COPY into a temporary table, then INSERT ...
+    SELECT ... ON CONFLICT DO NOTHING), ``"executemany"`` (pipeline mode) or ``"values"``
+    (multi-row INSERT)."""
 
     # refused for the data itself (22xxx data exceptions: out of range, NUL in text,
     # invalid encoding; 23xxx constraints), also when psycopg refuses it before sending
     _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, OverflowError,
                     UnicodeEncodeError)
 
-    def __init__(self, url: str, *, method: str = "executemany",
+    def __init__(self, url: str, *, method: str = "copy",
                  connect_timeout_s: float = 10.0) -> None:
-        if method not in ("executemany", "copy"):
-            raise TelemetryError(f"insert method {method!r} is unknown; use executemany or copy")
+        if method not in METHODS:
+            raise TelemetryError(
+                f"insert method {method!r} is unknown; use one of {', '.join(METHODS)}")
         self._url = url
         self.path_or_url = redact_url(url)
         self.method = method
@@ -79,8 +84,8 @@ class PgFleetStore(_SqlStore):
         try:
             from .schema import migrate_postgres
 
-            self._connect()
             migrate_postgres(url)
+            self._connect()
         except TelemetryError:
             raise
         except psycopg.OperationalError as e:
@@ -97,7 +102,18 @@ class PgFleetStore(_SqlStore):
             except psycopg.Error as e:
                 raise self._unavailable(e) from e
             self._temp_ready = False
+        if self.method == "copy" and not self._temp_ready and self._has_schema():
+            # outside any batch (autocommit): a rolled-back batch cannot take them along
+            for t in ("telemetry", "events"):
+                self._conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _in_{t} "
+                                   f"(LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            self._temp_ready = True
         return self._conn
+
+    def _has_schema(self) -> bool:
+        assert self._conn is not None
+        row = self._conn.execute("SELECT to_regclass('telemetry') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     def close(self) -> None:
         """Close the connection."""
@@ -127,21 +143,37 @@ class PgFleetStore(_SqlStore):
 
     def _bulk(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
         assert self._conn is not None
-        if self.method == "copy" and kind != "status" and len(rows) > 1:
+        if self.method == "copy" and kind != "status" and len(rows) > 1 and self._temp_ready:
             return self._copy(kind, rows)
+        if self.method == "values" and len(rows) > 1:
+            return self._values(kind, rows)
         with self._conn.cursor() as cur:
             cur.executemany(_SQL[kind], rows)
             return max(0, cur.rowcount)
+
+    def _one(self, kind: str, row: tuple[Any, ...]) -> int:
+        assert self._conn is not None
+        with self._conn.cursor() as cur:
+            cur.execute(_SQL[kind], row)
+            return max(0, cur.rowcount)
+
+    def _values(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
+        assert self._conn is not None
+        head, tail = _SQL[kind].split(" VALUES ", 1)
+        one, rest = tail.split(")", 1)
+        n = 0
+        with self._conn.cursor() as cur:
+            for i in range(0, len(rows), _VALUES_CHUNK):
+                chunk = rows[i:i + _VALUES_CHUNK]
+                sql = f"{head} VALUES {', '.join([one + ')'] * len(chunk))}{rest}"
+                cur.execute(sql.encode(), [v for r in chunk for v in r])  # type: ignore[arg-type]
+                n += max(0, cur.rowcount)
+        return n
 
     def _copy(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
         assert self._conn is not None
         cols = ", ".join(_COLUMNS[kind])
         with self._conn.cursor() as cur:
-            if not self._temp_ready:
-                for t in ("telemetry", "events"):
-                    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS _in_{t} "
-                                f"(LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                self._temp_ready = True
             with cur.copy(f"COPY _in_{kind} ({cols}) FROM STDIN") as cp:
                 for r in rows:
                     cp.write_row(r)
