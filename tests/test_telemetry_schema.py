@@ -205,3 +205,47 @@ def test_fleet_status_p99_comes_from_the_last_window_that_served(tmp_path: Path)
     assert row.latency_p99_s == 0.004  # not the idle last window's "no latency"
     assert row.requests == 50
     store.close()
+
+
+def test_decode_is_strict_about_types_versions_and_sizes() -> None:
+    """Issue 12, class 2: nothing is converted; a payload without "v" is refused."""
+    good = json.loads(TelemetryMessage(seq=3, ts=1.7e9, window_s=10.0, requests=2).encode())
+    no_v = {k: v for k, v in good.items() if k != "v"}
+    ev = json.loads(EventMessage(seq=1, ts=1.0, kind="error", fields={"n": 1}).encode())
+    st = json.loads(StatusMessage(online=True, ts=1.0).encode())
+    cases: list[tuple[str, bytes, str]] = [
+        ("telemetry", json.dumps({**good, "seq": "3"}).encode(), "seq"),
+        ("telemetry", json.dumps({**good, "seq": 4.0}).encode(), "seq"),
+        ("telemetry", json.dumps({**good, "seq": True}).encode(), "seq"),
+        ("telemetry", json.dumps({**good, "seq": 2**63}).encode(), "64-bit"),
+        ("telemetry", json.dumps({**good, "rss_bytes": 2**64}).encode(), "rss_bytes|64-bit"),
+        ("telemetry", json.dumps({**good, "ts": "1.7e9"}).encode(), "ts"),
+        ("telemetry", json.dumps({**good, "requests": 2.0}).encode(), "requests"),
+        ("telemetry", json.dumps({**good, "model": "m" * 300}).encode(), "model"),
+        ("telemetry", json.dumps({**good, "model": "a\u0000b"}).encode(), "model"),
+        ("telemetry", json.dumps({**good, "v": True}).encode(), "schema version"),
+        ("telemetry", json.dumps({**good, "v": 1.0}).encode(), "schema version"),
+        ("telemetry", json.dumps(no_v).encode(), "no schema version"),
+        ("telemetry", b'{"v": 1, "seq": 1, "ts": 1, "window_s": 1e999}', "not JSON"),
+        ("telemetry", b'{"v": 1, "seq": 1, "ts": NaN, "window_s": 1}', "not JSON"),
+        ("telemetry", b"", "empty"),
+        ("telemetry", b'{"v": 1, "seq": 1, "ts": 1, "window_s": 1, "model": "\xff"}', "UTF-8"),
+        ("telemetry", b"[" * 10_000 + b"]" * 10_000, "depth|deep"),
+        ("status", json.dumps({**st, "online": "yes"}).encode(), "online"),
+        ("status", json.dumps({**st, "online": 1}).encode(), "online"),
+        ("events", json.dumps({**ev, "fields": {"n": [1]}}).encode(), "'n'"),
+        ("events", json.dumps({**ev, "fields": {"n": {"a": 1}}}).encode(), "'n'"),
+        ("events", json.dumps({**ev, "fields": {"n": "x\u0000"}}).encode(), "NUL"),
+        ("events", json.dumps({**ev, "fields": {"n": "x" * 5000}}).encode(), "4096"),
+        ("events", json.dumps({**ev, "fields": {f"k{i}": i for i in range(65)}}).encode(),
+         "fields"),
+    ]
+    for kind, payload, needle in cases:
+        with pytest.raises(TelemetryError, match=needle) as ei:
+            decode(kind, payload)
+        assert "\n" not in str(ei.value) and len(str(ei.value)) < 400, str(ei.value)
+    # what the strict schema still takes: ints for floats, JSON scalars in event fields
+    assert decode("telemetry", json.dumps({**good, "ts": 1700000000}).encode()).ts == 1.7e9
+    e = decode("events", json.dumps({**ev, "fields": {"a": None, "b": True, "c": 2**62,
+                                                      "d": 0.5, "e": "line\nbreak"}}).encode())
+    assert isinstance(e, EventMessage) and e.fields["b"] is True and e.fields["c"] == 2**62

@@ -7,8 +7,11 @@
     client = make_client(settings, client_id="pi-0042")
 
 Topics are ``toma-edge/v1/<fleet>/<device_id>/{status,telemetry,events}`` (DESIGN.md,
-"Telemetry (MQTT)"). Messages are frozen pydantic models: unknown keys, unknown schema
-versions, wrong types and oversized payloads are refused with one line naming the problem.
+"Telemetry (MQTT)"). Messages are frozen, strict pydantic models: a payload without its
+schema version ``"v"``, with an unknown version or key, a value of the wrong JSON type
+(``"3"``, ``4.0`` or ``true`` for an integer, ``"yes"`` for a boolean), an integer outside
+int64, a non-finite number, an over-long string, invalid UTF-8, nesting deeper than
+:data:`MAX_DEPTH` or more than ``max_bytes`` is refused with one line naming the problem.
 The fleet and the device id travel in the topic only (the broker's ACL vouches for them),
 never in the payload. Passwords come from ``TOMA_EDGE_MQTT_PASSWORD`` or a file, never
 from a URL or the command line. No torch here.
@@ -16,24 +19,35 @@ from a URL or the command line. No torch here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
-from .errors import ConfigError, TelemetryError
+from .errors import ConfigError, InputError, TelemetryError
+from .jsonio import loads
 
 __all__ = [
     "SCHEMA_VERSION",
     "TOPIC_ROOT",
     "KINDS",
     "MAX_PAYLOAD_BYTES",
+    "INT64_MAX",
+    "MAX_DEPTH",
+    "MAX_EVENT_FIELDS",
+    "MAX_EVENT_TEXT",
     "PASSWORD_ENV",
     "Kind",
     "StatusMessage",
@@ -122,7 +136,21 @@ def subscription(kind: Kind, *, fleet: str = "+", share_group: str | None = None
 # --------------------------------------------------------------------------- messages
 
 _Frozen = ConfigDict(frozen=True, extra="forbid", strict=True)
-_NonNeg = Field(default=0, ge=0)
+INT64_MAX = 2**63 - 1
+"""Largest integer a message may hold (every database column and int64 holds it)."""
+MAX_DEPTH = 4
+"""Deepest nesting of objects in a payload (an event's ``fields`` is level 2)."""
+MAX_EVENT_FIELDS = 64
+"""Most keys an event's ``fields`` may hold."""
+
+# counts and sizes: JSON integers (not 4.0, not true, not "3") in 0..2**63-1
+_Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# names (model, version, target, agent): bounded, printable (no control characters, no NUL)
+_Name = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+MAX_EVENT_TEXT = 4096
+"""Longest string an event field may hold (characters); never a NUL (no database stores it)."""
+_FieldKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+_NonNeg = Field(default=0, ge=0, le=INT64_MAX)
 
 
 def _finite(v: float | None) -> float | None:
@@ -132,8 +160,20 @@ def _finite(v: float | None) -> float | None:
 
 
 class _Base(BaseModel):
+    """Strict in both directions: numbers are JSON numbers, integers are integers (``4.0``
+    and ``true`` are not), booleans are booleans, strings are strings; unknown keys are
+    refused. ``v`` defaults to 1 when a message is built here, and is REQUIRED in a payload
+    (:func:`decode`)."""
+
     model_config = _Frozen
     v: Literal[1] = 1
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _version_is_int(cls, v: Any) -> Any:
+        if type(v) is not int:  # Literal[1] alone lets true and 1.0 pass
+            raise ValueError(f"schema version must be the integer {SCHEMA_VERSION}")
+        return v
 
     def encode(self) -> bytes:
         """UTF-8 JSON bytes of this message (compact; the schema version as ``v``)."""
@@ -145,13 +185,13 @@ class StatusMessage(_Base):
 
     online: bool
     ts: float = Field(ge=0, description="unix time, seconds")
-    model: str | None = None
-    model_version: str | None = None
-    model_sha256: str | None = None
-    target: str | None = None
-    budget_bytes: int | None = Field(default=None, ge=0)
+    model: _Name | None = None
+    model_version: _Name | None = None
+    model_sha256: _Name | None = None
+    target: _Name | None = None
+    budget_bytes: _Count | None = None
     interval_s: float | None = Field(default=None, gt=0)
-    agent: str | None = None
+    agent: _Name | None = None
 
     _chk = field_validator("ts", "interval_s")(_finite)
 
@@ -163,7 +203,7 @@ class TelemetryMessage(_Base):
     window length ``window_s`` in seconds ending at ``ts`` (unix time, seconds).
     """
 
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT64_MAX)
     ts: float = Field(ge=0)
     window_s: float = Field(ge=0)
     requests: int = _NonNeg
@@ -175,15 +215,16 @@ class TelemetryMessage(_Base):
     latency_max_s: float | None = Field(default=None, ge=0)
     throughput_rps: float = Field(default=0.0, ge=0, description="requests per second")
     rows_per_s: float = Field(default=0.0, ge=0)
-    batch_size: int | None = Field(default=None, ge=1)
-    rss_bytes: int | None = Field(default=None, ge=0)
-    peak_rss_bytes: int | None = Field(default=None, ge=0)
-    budget_bytes: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    rss_bytes: _Count | None = None
+    peak_rss_bytes: _Count | None = None
+    budget_bytes: _Count | None = None
     cpu_temp_c: float | None = None
-    model: str | None = None
-    model_version: str | None = None
-    model_sha256: str | None = None
-    spool_dropped: int = Field(default=0, ge=0, description="telemetry dropped by a full spool")
+    model: _Name | None = None
+    model_version: _Name | None = None
+    model_sha256: _Name | None = None
+    spool_dropped: int = Field(default=0, ge=0, le=INT64_MAX,
+                               description="telemetry dropped by a full spool")
 
     _chk = field_validator(
         "ts", "window_s", "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_max_s",
@@ -191,17 +232,18 @@ class TelemetryMessage(_Base):
     )(_finite)
 
 
-_Scalar = str | int | float | bool | None
-
-
 class EventMessage(_Base):
     """Something that happened once: ``model_loaded``, ``model_swapped``, ``budget_adapted``,
     ``error``...; ``seq`` is the device's own events counter (apart from telemetry's)."""
 
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT64_MAX)
     ts: float = Field(ge=0)
     kind: str
-    fields: dict[str, _Scalar] = Field(default_factory=dict)
+    fields: dict[_FieldKey, Any] = Field(default_factory=dict, max_length=MAX_EVENT_FIELDS)
+    """JSON scalars only: integers within int64, finite floats, booleans, null, strings of
+    at most 4096 characters without NUL."""
+
+    _chk = field_validator("ts")(_finite)
 
     @field_validator("kind")
     @classmethod
@@ -212,10 +254,23 @@ class EventMessage(_Base):
 
     @field_validator("fields")
     @classmethod
-    def _fields(cls, v: dict[str, _Scalar]) -> dict[str, _Scalar]:
-        for val in v.values():
-            if isinstance(val, float) and not math.isfinite(val):
-                raise ValueError("event fields must be finite numbers")
+    def _fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, val in v.items():
+            if val is None or isinstance(val, bool):
+                continue
+            if isinstance(val, int):
+                if not -INT64_MAX - 1 <= val <= INT64_MAX:
+                    raise ValueError(f"{key!r} is an integer outside the 64-bit range")
+            elif isinstance(val, float):
+                if not math.isfinite(val):
+                    raise ValueError(f"{key!r} must be a finite number")
+            elif isinstance(val, str):
+                if len(val) > MAX_EVENT_TEXT or "\x00" in val:
+                    raise ValueError(f"{key!r} must be a string of at most {MAX_EVENT_TEXT} "
+                                     "characters without NUL")
+            else:
+                raise ValueError(f"{key!r} must be a JSON string, number, boolean or null, "
+                                 f"got {_json_kind(val)}")
         return v
 
 
@@ -231,39 +286,59 @@ def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "message"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{loc}: {err['msg']}{more}"
+    return f"{loc}: {err['msg']}{more}".replace("\n", " ")[:300]
 
 
 def decode(kind: str, payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Message:
     """Parse and validate one payload of ``kind``; TelemetryError (one line) when it is not one.
 
-    Refuses payloads over ``max_bytes``, non-JSON, unknown schema versions and unknown keys.
+    Strict: the payload is UTF-8 JSON (toma_edge.jsonio: no NaN, integers within int64,
+    at most :data:`MAX_DEPTH` levels), at most ``max_bytes`` bytes, one object holding the
+    schema version ``"v": 1`` (required; a whole number, not ``1.0`` or ``true``), the
+    message's required keys and no unknown one, each value of its JSON type (no ``"3"``
+    for 3, no ``4.0`` or ``true`` for an integer, no ``"yes"`` for a boolean).
     """
     cls = _TYPES.get(kind)
     if cls is None:
         raise TelemetryError(f"telemetry kind {kind!r} is unknown; expected {', '.join(KINDS)}")
     if len(payload) > max_bytes:
         raise TelemetryError(f"{kind} payload of {len(payload)} bytes is over {max_bytes} bytes")
-    try:  # fast path (pydantic's JSON parser); errors are explained by the slow path below
-        return cls.model_validate_json(payload, strict=False)  # type: ignore[return-value]
-    except ValidationError:
-        pass
+    if not payload:
+        raise TelemetryError(f"{kind} payload is empty")
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TelemetryError(f"{kind} payload is not JSON: {e}") from e
+        data = loads(payload, max_depth=MAX_DEPTH, what=f"{kind} payload")
+    except InputError as e:
+        raise TelemetryError(str(e).replace("invalid JSON", "not JSON")) from e
     if not isinstance(data, dict):
-        raise TelemetryError(f"{kind} payload must be a JSON object, got {type(data).__name__}")
-    if data.get("v") != SCHEMA_VERSION:
+        raise TelemetryError(f"{kind} payload must be a JSON object, got {_json_kind(data)}")
+    if "v" not in data:
         raise TelemetryError(
-            f"{kind} payload has schema version {data.get('v')!r}; this collector reads "
+            f"{kind} payload has no schema version 'v'; this collector reads v={SCHEMA_VERSION}")
+    v = data["v"]
+    if type(v) is not int or v != SCHEMA_VERSION:
+        shown = repr(v)[:24]
+        raise TelemetryError(
+            f"{kind} payload has schema version {shown}; this collector reads "
             f"v={SCHEMA_VERSION} (upgrade toma-edge on the collector)"
         )
     try:
-        # JSON has no int/float distinction for whole floats: let ints stand for floats
-        return cls.model_validate(data, strict=False)  # type: ignore[return-value]
+        return cls.model_validate(data, strict=True)  # type: ignore[return-value]
     except ValidationError as e:
         raise TelemetryError(f"{kind} payload is invalid: {_one_line(e)}") from e
+
+
+def _json_kind(o: Any) -> str:
+    if isinstance(o, dict):
+        return "an object"
+    if isinstance(o, list):
+        return "an array"
+    if isinstance(o, str):
+        return "a string"
+    if isinstance(o, bool):
+        return "a boolean"
+    if o is None:
+        return "null"
+    return "a number"
 
 
 # --------------------------------------------------------------------------- MQTT settings
