@@ -1,6 +1,7 @@
 """Delivery against a real mosquitto with real device and collector processes: nothing lost
 across broker restarts, collector and device kills; duplicates stored once; shared
-subscriptions split the load; malformed payloads dropped and counted."""
+subscriptions split the load; malformed payloads dead-lettered (kept raw with their
+reason in ``rejects``), counted and acknowledged."""
 
 from __future__ import annotations
 
@@ -173,5 +174,10 @@ def test_malformed_payloads_counted_logged_once_and_dropped(
         assert col.stats.rejected == 6 and col.store.seqs("bad", "dev-3") == [1]
         dev = [d for d in col.store.devices() if d.device_id == "dev-3"][0]
         assert dev.rejected == 6
+        # dead letters: each kept raw (bounded by the collector's payload limit) with a reason
+        letters = col.store.rejects()
+        assert len(letters) == 6 and col.stats.queued == 0
+        assert letters[-1]["payload"] == b"\xff\xfe garbage"
+        assert all(len(r["payload"]) <= col.max_payload_bytes and r["reason"] for r in letters)
         logged = [r for r in caplog.records if "dev-3" in r.getMessage()]
         assert len(logged) == 1 and "\n" not in logged[0].getMessage()
