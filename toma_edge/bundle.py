@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import TypedDict
 
 from .errors import BundleError, ConfigError
-from .manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, read_manifest, sha256_file
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_NAME,
+    Manifest,
+    parse_manifest,
+    read_limited,
+    sha256_file,
+)
 
 __all__ = [
     "VerifiedBundle",
@@ -133,7 +141,7 @@ def verify_bundle(
     mpath = d / MANIFEST_NAME
     if not mpath.is_file():
         raise BundleError(f"{d}: no manifest.json; this is not a toma-edge bundle")
-    raw = mpath.read_bytes()
+    raw = read_limited(mpath, MAX_MANIFEST_BYTES, what="manifest")
     import hashlib
 
     manifest_sha = hashlib.sha256(raw).hexdigest()
@@ -145,14 +153,15 @@ def verify_bundle(
 
         key = _load_public_key(trust_key)
         try:
-            sig = base64.b64decode((d / SIGNATURE_NAME).read_text().strip(), validate=True)
+            sig = base64.b64decode(read_limited(d / SIGNATURE_NAME, 4096, what="manifest.sig")
+                                   .strip(), validate=True)
             key.verify(sig, raw)
         except (InvalidSignature, ValueError) as e:
             raise BundleError(
                 f"{d}: signature check failed: manifest.sig does not match manifest.json "
                 f"under trust key {trust_key}"
             ) from e
-    manifest = read_manifest(mpath)
+    manifest = parse_manifest(raw, where=str(mpath))  # the bytes the signature covers
     if "model.pte" not in manifest.files:
         raise BundleError(f"{d}: manifest lists no model.pte")
     for name, entry in manifest.files.items():
@@ -375,6 +384,7 @@ def _scan(tar: tarfile.TarFile, archive: str | Path, *, max_members: int, max_by
                               "regular file or folder (links, devices, sparse files are refused)")
         parts = Path(m.name).parts
         if (not _plain_text(m.name) or Path(m.name).is_absolute() or ".." in parts
+                or (m.isfile() and not parts)
                 or any(len(p.encode()) > 255 for p in parts)):
             raise BundleError(f"{archive}: archive member {_show(m.name)} is not a plain bundle "
                               "file name (absolute, '..', unprintable or over 255 bytes)")

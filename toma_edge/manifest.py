@@ -6,19 +6,24 @@
     m.files["model.pte"].sha256
 
 Both sides use it: the host writes it, the device reads and checks it. No torch here.
+A manifest is untrusted input on the device: it is read through the strict JSON entry
+(:mod:`toma_edge.jsonio`: depth limit, 64-bit integers, valid UTF-8), at most
+:data:`MAX_MANIFEST_BYTES`, and every refusal is one BundleError line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._validation import describe_validation_error
-from .errors import BundleError
+from .errors import BundleError, InputError
+from .jsonio import loads
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -28,12 +33,16 @@ __all__ = [
     "Memory",
     "Manifest",
     "read_manifest",
+    "parse_manifest",
     "sha256_file",
+    "MAX_MANIFEST_BYTES",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest.json read (a real one is ~3 KB, candidates included)."""
 
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 
@@ -88,6 +97,14 @@ class Memory(BaseModel):
     measured_peak_bytes: dict[str, int]
     weights_bytes: int | None = None
 
+    @field_validator("measured_peak_bytes")
+    @classmethod
+    def _batches(cls, v: dict[str, int]) -> dict[str, int]:
+        for k in v:
+            if not (k.isascii() and k.isdigit() and int(k) >= 1):
+                raise ValueError("keys must be batch sizes (whole numbers >= 1)")
+        return v
+
     def peak_for_batch(self, batch: int) -> int:
         """Measured RSS increase for ``batch`` rows, interpolated (affine) between points."""
         pts = sorted((int(k), v) for k, v in self.measured_peak_bytes.items())
@@ -123,6 +140,23 @@ class Manifest(BaseModel):
     candidates: tuple[dict[str, Any], ...] | None = None
     build: dict[str, Any] | None = None
 
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in v:
+            if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+                raise ValueError("file names must be plain names in the bundle folder "
+                                 "(letters, digits, '.', '_', '-', '+'; no folders)")
+        return v
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: dict[str, Any]) -> dict[str, Any]:
+        prune = v.get("prune", 0.0)
+        if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 <= prune <= 1:
+            raise ValueError("'prune' must be a number from 0 to 1")
+        return v
+
     @field_validator("schema_version")
     @classmethod
     def _version(cls, v: int) -> int:
@@ -139,29 +173,62 @@ class Manifest(BaseModel):
     def from_dict(cls, data: Any, *, where: str = "manifest.json") -> Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{where}: must be a JSON object")
-        if data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
             raise BundleError(
-                f"{where}: schema_version {data.get('schema_version')!r} is not supported "
+                f"{where}: schema_version {_short(version)} is not supported "
                 f"(this toma-edge reads {SCHEMA_VERSION}); rebuild the bundle with this release"
             )
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise BundleError(f"{where}: {describe_validation_error(e)}") from e
+            raise BundleError(f"{where}: {_one_line(describe_validation_error(e))}") from e
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._+-]{1,255}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with control characters and lone surrogates escaped, at most ``limit``."""
+    out = "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+                  else ascii(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    return _one_line(repr(value), 40)
+
+
+def parse_manifest(raw: bytes, *, where: str = "manifest.json") -> Manifest:
+    """Validate a manifest from its bytes (the very bytes a signature was checked on)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{where}: manifest is larger than {MAX_MANIFEST_BYTES} bytes; "
+                          "this is not a toma-edge manifest")
+    try:
+        data = loads(raw, what="manifest")
+    except InputError as e:
+        # jsonio says "manifest: invalid JSON (why)" or "manifest nests ..." / "holds ..."
+        detail = _one_line(str(e).removeprefix("manifest: invalid JSON ")
+                           .removeprefix("manifest "))
+        detail = detail if detail.startswith("(") else f"(it {detail})"
+        raise BundleError(f"{where}: manifest is not valid JSON {detail}; "
+                          "the bundle is corrupt") from e
+    return Manifest.from_dict(data, where=where)
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file; BundleError names what is wrong."""
     p = Path(path)
+    return parse_manifest(read_limited(p, MAX_MANIFEST_BYTES, what="manifest"), where=str(p))
+
+
+def read_limited(path: Path, limit: int, *, what: str) -> bytes:
+    """A file's bytes, at most ``limit`` + 1 of them (more means "too large" to callers)."""
     try:
-        raw = p.read_bytes()
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
     except OSError as e:
-        raise BundleError(f"{p}: cannot read manifest: {e.strerror}") from e
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{p}: manifest is not valid JSON ({e}); the bundle is corrupt") from e
-    return Manifest.from_dict(data, where=str(p))
+        raise BundleError(f"{path}: cannot read {what}: {e.strerror or e}") from e
 
 
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
