@@ -25,6 +25,8 @@ from toma_edge.host.fleet.store import Record, open_store
 from toma_edge.telemetry import EventMessage, StatusMessage, TelemetryMessage
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["pg_fixtures"]  # pg_server, pg_url
+
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "docs" / "img" / "dashboard.png"
 MIB = 1 << 20
@@ -266,3 +268,48 @@ def test_fleet_prune_deletes_what_is_older(tmp_path: Path) -> None:
     store = open_store(db, create=False)
     assert store.seqs("f", "d") == [4, 5, 6]
     store.close()
+
+
+def test_status_dashboard_and_metrics_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from toma_edge.host.fleet.metrics_exporter import FleetMetrics
+
+    store = open_store(pg_url)
+    now = time.time()
+    store.write_batch([
+        Record("pg", "pi-1", StatusMessage(online=True, ts=now, model="m", model_version="v2",
+                                           budget_bytes=256 * MIB), now),
+        *(Record("pg", "pi-1", _window(i, now - 10 * (3 - i), 0), now) for i in (1, 2, 3)),
+    ])
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(FleetMetrics(store))
+    text = generate_latest(reg).decode()
+    store.close()
+    assert 'toma_edge_device_memory_headroom_bytes{device_id="pi-1",fleet="pg"} 8.388608e+07' \
+        in text
+    assert ('toma_edge_device_model_info{device_id="pi-1",fleet="pg",model="seed-regression",'
+            'version="2026.11.24-1"} 1.0') in text
+
+    r = CliRunner().invoke(main, ["fleet", "status", "--db", pg_url])
+    assert r.exit_code == 0 and "pi-1" in r.output and "2026.11.24-1" in r.output, r.output
+
+    port = free_port()
+    log = tmp_path / "dashboard.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "toma_edge.cli", "fleet", "dashboard", "--db", pg_url,
+             "--http", f"127.0.0.1:{port}"], stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "dashboard of" in log.read_text() or proc.poll() is not None,
+                   30, "the dashboard")
+        assert proc.poll() is None, log.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/device/pg/pi-1",
+                                    timeout=5) as resp:
+            body = json.loads(resp.read())
+        assert body["telemetry"]["seq"] == [1, 2, 3]
+        assert body["device"]["target"] is None and body["device"]["online"] is True
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text()

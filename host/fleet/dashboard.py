@@ -102,29 +102,36 @@ class _Reader:
         self.max_devices = max_devices
         self.history = history
         self._lock = threading.Lock()
-        self._cache: tuple[float, bytes] | None = None
+        self._rows_cache: list[Any] = []
+        self._rows_at: float | None = None
+        self._body: bytes | None = None
+
+    def _rows(self) -> list[Any]:
+        """Every device's row, read at most once per ``refresh_s`` (call under the lock)."""
+        now = time.monotonic()
+        if self._rows_at is None or now - self._rows_at >= self.refresh_s:
+            self._rows_cache = self.store.devices()
+            self._rows_at = now
+            self._body = None
+        return self._rows_cache
 
     def devices_json(self) -> bytes:
         with self._lock:
-            now = time.monotonic()
-            if self._cache is not None and now - self._cache[0] < self.refresh_s:
-                return self._cache[1]
-            rows = self.store.devices()
-            shown = rows[: self.max_devices]
-            body = dumps({
-                "now": time.time(),
-                "total": len(rows),
-                "online": sum(1 for r in rows if r.online),
-                "over_budget": sum(1 for r in rows if (r.headroom_bytes or 0) < 0),
-                "shown": len(shown),
-                "devices": [_device_dict(r) for r in shown],
-            })
-            self._cache = (now, body)
-            return body
+            rows = self._rows()
+            if self._body is None:
+                shown = rows[: self.max_devices]
+                self._body = dumps({  # no clock in it: a stream sends only what changed
+                    "total": len(rows),
+                    "online": sum(1 for r in rows if r.online),
+                    "over_budget": sum(1 for r in rows if (r.headroom_bytes or 0) < 0),
+                    "shown": len(shown),
+                    "devices": [_device_dict(r) for r in shown],
+                })
+            return self._body
 
     def device(self, fleet: str, device_id: str, after_seq: int) -> dict[str, Any] | None:
         with self._lock:
-            row = next((r for r in self.store.devices()
+            row = next((r for r in self._rows()
                         if r.fleet == fleet and r.device_id == device_id), None)
             if row is None:
                 return None
