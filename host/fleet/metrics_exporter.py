@@ -15,7 +15,13 @@ the collector's own counters). Per device (labels ``fleet`` and ``device_id`` on
 ``toma_edge_device_last_seen_timestamp_seconds``, ``toma_edge_device_rejected_messages_total``
 and ``toma_edge_device_model_info{fleet,device_id,model,version}`` (one series per device,
 value 1). Per fleet: ``toma_edge_fleet_devices`` and ``toma_edge_fleet_devices_online``
-(every device, whatever the cap). Per collector process: ``toma_edge_collector_*``.
+(every device, whatever the cap). Per collector process (no labels; Prometheus' ``instance``
+tells them apart): ``toma_edge_collector_messages_{received,stored,duplicates,rejected,
+dead_lettered,retries}_total``, ``toma_edge_collector_batches_total``,
+``toma_edge_collector_queued_messages``, ``toma_edge_collector_last_commit_timestamp_seconds``,
+``toma_edge_collector_lag_seconds`` (now less the last commit; both absent before the first
+commit) and ``toma_edge_collector_connected``. Each scrape reads the store once
+(``devices()``) on a connection of the exporter's own.
 
 Cardinality stays bounded: at most ``max_devices`` devices (default 5000, in fleet and
 device id order) get per-device series on one scrape; the rest are counted in
