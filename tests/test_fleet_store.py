@@ -404,3 +404,18 @@ def test_newer_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TelemetryError, match="newer than this toma-edge") as e:
         open_store(db)
     assert "\n" not in str(e.value)
+
+
+def _open_and_count(db: str) -> int:
+    with open_store(db) as s:
+        return int(s.count())
+
+
+def test_concurrent_openers_migrate_once(store_db: str) -> None:
+    """Collectors starting at once on a new database: one migration, no error."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_open_and_count, [store_db] * 4) == [0] * 4
+    with open_store(store_db) as s:
+        assert s._rows("SELECT version_num FROM alembic_version") == [(HEAD,)]
