@@ -191,9 +191,9 @@ def hostile_json(draw: st.DrawFn) -> bytes:
     if kind == "truncated":
         body = json.dumps({"inputs": [ROW, ROW]}).encode()
         return body[:draw(st.integers(0, len(body) - 1))]
-    body = bytearray(json.dumps({"inputs": [ROW]}).encode())
-    body.insert(draw(st.integers(0, len(body))), draw(st.sampled_from([0xff, 0xc0, 0xed, 0x80])))
-    return bytes(body)
+    raw = bytearray(json.dumps({"inputs": [ROW]}).encode())
+    raw.insert(draw(st.integers(0, len(raw))), draw(st.sampled_from([0xff, 0xc0, 0xed, 0x80])))
+    return bytes(raw)
 
 
 _descrs = st.sampled_from(["<f4", ">f8", "<f2", "<i8", "|u1", "|b1", "<U3", "|S4", "|O", "<c8",
