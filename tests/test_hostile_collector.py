@@ -143,6 +143,39 @@ def test_poison_messages_dead_lettered_acked_and_not_redelivered(
             c.loop_stop()
 
 
+def test_loose_types_and_a_missing_version_never_displace_the_real_message(
+        mqtt_broker: Broker, tmp_path: Path) -> None:
+    """Issue 12, class 2 over the wire: "seq": "5", 5.0 or true and a message without "v"
+    are dead letters; the device's real seq 5 that follows is the one stored."""
+    pub = _publisher(mqtt_broker, "dev-8")
+    t = topic("loose", "dev-8", "telemetry")
+    real = json.loads(_tel(5))
+    real["rss_bytes"] = 123
+    fakes = [json.dumps({**real, "seq": "5", "rss_bytes": 1}).encode(),
+             json.dumps({**real, "seq": 5.0, "rss_bytes": 2}).encode(),
+             json.dumps({**real, "seq": True, "rss_bytes": 3}).encode(),
+             json.dumps({k: v for k, v in real.items() if k != "v"} | {"rss_bytes": 4}).encode()]
+    st_fake = json.dumps({**json.loads(StatusMessage(online=True, ts=1.0).encode()),
+                          "online": "yes"}).encode()
+    with Collector(mqtt_broker.settings("collector"), db=tmp_path / "f.db",
+                   session_expiry_s=0) as col:
+        for f in fakes:
+            _publish(pub, t, f)
+        _publish(pub, topic("loose", "dev-8", "status"), st_fake)
+        _publish(pub, t, json.dumps(real).encode())
+        # the real one comes last: once stored, everything before it is committed too
+        wait_until(lambda: col.stats.received == 6 and col.store.seqs("loose", "dev-8") == [5],
+                   10, "all six")
+        rows = col.store.telemetry("loose", "dev-8")
+        assert [(r["seq"], r["rss_bytes"]) for r in rows] == [(5, 123)]
+        assert (col.stats.stored, col.stats.duplicates, col.stats.rejected) == (1, 0, 5)
+        assert col.store.count("status") == 0 or all(
+            d.online is None for d in col.store.devices() if d.device_id == "dev-8")
+        assert {bytes(r["payload"]) for r in col.store.rejects()} == {*fakes, st_fake}
+    pub.disconnect()
+    pub.loop_stop()
+
+
 def test_unavailable_store_retried_with_backoff_logged_once_stop_interrupts(
         broker_factory: Callable[[], Broker], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
