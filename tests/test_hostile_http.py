@@ -306,20 +306,59 @@ def test_idle_and_slow_connections_are_closed_and_a_fresh_client_is_answered(
             so.close()
 
 
-def test_connections_beyond_the_cap_close_the_longest_idle_ones(
+def _answer(so: socket.socket, timeout: float) -> bytes:
+    so.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = so.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def test_connection_cap_slow_bodies_and_the_bytes_of_bodies_in_flight_are_bounded(
         example_bundle: Path, tmp_path: Path) -> None:
     s = ServiceProc(tmp_path / "serve.log", config={
-        "bundle": str(example_bundle), "threads": 1, "request_timeout_s": 60.0,
+        "bundle": str(example_bundle), "threads": 1, "request_timeout_s": 3.0,
         "max_connections": 50, "telemetry": False})
     held: list[socket.socket] = []
     try:
+        # bodies declared large and sent slowly: their bytes are reserved up front and the
+        # ones past a quarter of the free working budget get 503 at once
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n[" % (4 << 20))
+        slow = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(45)]
+        for so in slow:
+            so.sendall(head)
+        time.sleep(1.0)
+        answers = [_answer(so, 0.05) for so in slow]
+        busy = [a for a in answers if a.startswith(b"HTTP/1.1 503") and b"busy" in a]
+        assert 0 < len(busy) < len(slow), [a[:40] for a in answers]
+        assert b"retry-after: 1" in busy[0].lower()
+        assert all(a == b"" for a in answers if a not in busy)  # the others wait for bytes
+        for so in slow:
+            so.close()
+        # a body that stops coming: 408 after request_timeout_s (+ 1 s per 64 KiB)
+        t0 = time.monotonic()
+        stuck = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        stuck.sendall(head.replace(b"%d" % (4 << 20), b"100"))
+        late = _answer(stuck, 10)
+        stuck.close()
+        assert late.startswith(b"HTTP/1.1 408") and b"did not arrive" in late, late
+        assert time.monotonic() - t0 < 6
+        assert s.predict([ROW])[0] == 200
+
         for _ in range(150):
             held.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
         status, answer = s.predict([ROW])  # the newest connection: answered
         assert status == 200, answer
         time.sleep(0.5)
         closed = [_closed_within(so, 0.05) for so in held]
-        # the oldest ones were closed to make room (well before their 60 s head timeout)
+        # the oldest ones were closed to make room (well before their 3 s head timeout)
         assert sum(closed) >= 100 and all(closed[:90]), sum(closed)
         assert not any(closed[-10:]), "the newest connections should still be open"
     finally:
