@@ -153,6 +153,9 @@ def _release(svc: Service) -> None:
     native runtime would report its objects as leaked at exit."""
     try:
         svc.close()
+        from ..adapter import release_native_programs
+
+        release_native_programs()  # any other program still alive (a swapped-out model)
     except Exception as e:  # noqa: BLE001 - best effort at exit
         log.debug("releasing the model failed: %s", e)
     gc.unfreeze()

@@ -75,25 +75,15 @@ def contract_difference(old: Manifest, new: Manifest) -> str | None:
 
 
 def release_predictor(p: Predictor) -> None:
-    """Free a Predictor's native program now (``close``/``release`` where the adapter has
-    one), so nothing native is left for interpreter exit to report as leaked."""
-    program = getattr(p, "program", None)
-    for name in ("close", "release"):
-        fn = getattr(program, name, None)
-        if callable(fn):
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - best effort at shutdown
-                log.debug("releasing the program failed: %s", e)
-            break
-    for holder in (p, getattr(p, "bundle", None)):
-        if holder is not None and hasattr(holder, "__dict__"):
-            for attr in ("program", "_run_into", "_run_many"):
-                if attr in vars(holder):
-                    try:
-                        object.__setattr__(holder, attr, None)
-                    except (AttributeError, TypeError):
-                        pass
+    """Free a Predictor's native program now (the adapter's ``close()``; a no-op where it
+    has none), so nothing native is left for interpreter exit to report as leaked. Any
+    later call on that Predictor raises BundleError."""
+    close = getattr(getattr(p, "program", None), "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - best effort at shutdown
+            log.debug("releasing the program failed: %s", e)
 
 
 @dataclass(frozen=True)
