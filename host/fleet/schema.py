@@ -29,7 +29,12 @@ _PG_LOCK_KEY = 0x746F6D61  # "toma": pg_advisory_xact_lock key of the migration
 
 
 def _alembic_config(connection: Any) -> Any:
-    from alembic.config import Config
+    try:
+        from alembic.config import Config
+    except ImportError as e:
+        raise TelemetryError(
+            f"migrating the fleet database needs alembic ({e}); install the host extra: "
+            "pip install 'toma-edge[host]'") from e
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
@@ -68,6 +73,7 @@ def migrate_sqlite(path: str | Path, *, busy_timeout_s: float = 30.0) -> str | N
     _check_not_newer(before, repr(str(path)))
     if before == HEAD:
         return before
+    _alembic_config(None)  # a clear error without alembic
     from alembic import command
     from sqlalchemy import create_engine, event
 
@@ -99,6 +105,7 @@ def migrate_postgres(conninfo: str) -> str | None:
     _check_not_newer(before, "(PostgreSQL)")
     if before == HEAD:
         return before
+    _alembic_config(None)  # a clear error without alembic
     from alembic import command
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool

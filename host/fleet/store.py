@@ -181,8 +181,12 @@ def open_store(db: str | Path, *, create: bool = True) -> FleetStore | PgFleetSt
     unreachable server (:class:`StoreUnavailable`)."""
     kind, target = _split_db(db)
     if kind == "postgresql":
-        from .store_pg import PgFleetStore
-
+        try:
+            from .store_pg import PgFleetStore
+        except ImportError as e:
+            raise TelemetryError(
+                f"the PostgreSQL fleet store needs psycopg ({e}); install the host extra: "
+                "pip install 'toma-edge[host]'") from e
         return PgFleetStore(target)
     return FleetStore(target, create=create)
 
