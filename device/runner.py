@@ -9,10 +9,13 @@
 Reading and parsing run in a background thread, at most ``depth`` chunks ahead of the
 model (blocks sized from the working budget left once a batch is paid), and outputs are
 written chunk by chunk, so memory does not grow with the input. A bad row stops the run
-with an :class:`~toma_edge.errors.InputError` naming its line, after every row before it
-was written completely; with ``skip_bad`` it is skipped and counted. ``seconds`` and
-``rows_per_s`` are timed from the first row read to the last row written (start-up,
-``startup_s``, excluded).
+with an :class:`~toma_edge.errors.InputError` naming its line; with ``skip_bad`` it is
+skipped and counted. An output file is written to a temporary file beside it and moved
+into place only when the run finished: a run that fails (bad row, Ctrl-C, error) leaves
+the output path as it was (stdout gets the CSV/JSON lines written before the failure).
+An output that is the input file (also through links) is refused before anything runs.
+``seconds`` and ``rows_per_s`` are timed from the first row read to the last row
+written (start-up, ``startup_s``, excluded).
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import format_size
+from ..errors import InputError
 from ..probes import enable_exact_peaks, peak_probe, process_start_time
-from .loaders import BadRow, block_bytes_for, detect_format, open_reader, open_writer, prefetch
+from .loaders import (
+    BadRow,
+    Writer,
+    block_bytes_for,
+    detect_format,
+    line_bytes_for,
+    open_reader,
+    open_writer,
+    prefetch,
+    same_file,
+)
 
 __all__ = ["RunSummary", "ProgressCallback", "run", "RichProgress"]
 
@@ -98,14 +112,18 @@ def run(
     makes glibc return large freed blocks at once (so RSS readings are honest).
     ``t_start``: a ``time.perf_counter()`` reading to time ``startup_s`` from (default:
     this process's start, so ``startup_s`` covers interpreter, imports and loading).
-    Raises BundleError, BudgetError or InputError (rows before a bad one are written).
+    Raises BundleError, BudgetError or InputError; then ``output`` is as it was before
+    (a file), or holds the CSV/JSON lines of the rows before the bad one (stdout).
     """
     t0 = process_start_time() if t_start is None else t_start
+    in_fmt, out_fmt = detect_format(input, fmt), detect_format(output, fmt)
+    if same_file(input, output):
+        raise InputError(f"{output}: the output is the input file; write the outputs to "
+                         "another file")
     if exact_peaks:
         enable_exact_peaks()
     from .predictor import Predictor
 
-    in_fmt, out_fmt = detect_format(input, fmt), detect_format(output, fmt)
     if in_fmt == "csv":
         from .loaders import _csv_block_parser
 
@@ -114,10 +132,11 @@ def run(
     classes = pred.manifest.task == "classification"
     reader = open_reader(input, row_shape=pred.input_spec.row_shape, fmt=in_fmt,
                          block_bytes=block_bytes_for(pred.free_bytes, depth=depth),
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad,
+                         max_line_bytes=line_bytes_for(pred.input_spec.width, pred.free_bytes))
     t1 = time.perf_counter()
     startup = (time.time() - t0) if t_start is None else (t1 - t0)
-    writer = None
+    writer: Writer | None = None
     done = 0
     try:
         chunks = prefetch(reader, depth=depth)
@@ -133,9 +152,12 @@ def run(
         if writer is None:  # empty input: still write an (empty) output
             writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
                                  header=reader.had_header, classes=classes)
-    finally:
+        writer.close()  # moved into place: the run finished
+    except BaseException:
         if writer is not None:
-            writer.close()
+            writer.abort()  # the output path keeps what it held; no temporary file stays
+        raise
+    finally:
         reader.close()
     seconds = time.perf_counter() - t1
     return RunSummary(

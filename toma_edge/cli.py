@@ -26,6 +26,22 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up (a run's
+    temporary output file goes) before the exit."""
+
+
+def _raise_on_sigterm() -> None:
+    import signal
+    import threading
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+
+
 def handle_errors(fn: F) -> F:
     """Turn our errors into one line and exit 2 (traceback only with --debug)."""
 
@@ -46,6 +62,9 @@ def handle_errors(fn: F) -> F:
                 raise
             _fail(f"this command needs the host install (training, compression, export): "
                   f"pip install 'toma-edge[host]' (missing module '{e.name}')")
+        except _Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -287,10 +306,15 @@ def compress(model: str, target: str, project: str | None, out: str | None,
 @handle_errors
 def run_rows(bundle: str, input_: str, output: str, fmt: str | None, budget: str | None,
              threads: int | None, skip_bad: bool, trust_key: str | None) -> None:
-    """Streamed batch inference over a file or stdin, within the memory budget."""
+    """Streamed batch inference over a file or stdin, within the memory budget.
+
+    An output file appears only when the run finished (a failed or interrupted run
+    leaves it as it was); an output that is the input file is refused. Bad rows stop
+    the run (exit 2, one line naming the line); --skip-bad skips and counts them."""
     from .device.runner import RichProgress
     from .device.runner import run as run_stream
 
+    _raise_on_sigterm()
     bar = RichProgress()
     try:
         s = run_stream(bundle, input_, output, fmt=fmt, budget=budget, threads=threads,
