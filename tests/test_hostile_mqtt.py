@@ -168,7 +168,7 @@ class Device:
         props.CorrelationData = corr
         self.app.publish(REQUEST, payload, qos=1, properties=props).wait_for_publish(10)
 
-    def answers_until(self, corr: bytes, timeout_s: float = 15) -> dict[bytes | None, Any]:
+    def answers_until(self, corr: bytes | None, timeout_s: float = 15) -> dict[bytes | None, Any]:
         """Answers read until the one carrying ``corr`` (by correlation data; None: none)."""
         out: dict[bytes | None, Any] = {}
         deadline = time.monotonic() + timeout_s
@@ -342,7 +342,7 @@ def test_collector_session_cannot_be_stolen(mqtt_broker: Broker, tmp_path: Path)
             stolen = [m.topic for m in list(loot.queue) if m.topic.startswith("toma-edge/v1/steal/")]
             assert not stolen, f"{user} naming client id {cid!r} got the collector's {stolen}"
         col, got = collector("collector-2", "col-steal")
-        seqs = []
+        seqs: list[int] = []
         try:
             while len(seqs) < 5:
                 seqs.append(json.loads(got.get(timeout=10).payload)["seq"])
