@@ -144,9 +144,10 @@ def test_poison_messages_dead_lettered_acked_and_not_redelivered(
 
 
 def test_loose_types_and_a_missing_version_never_displace_the_real_message(
-        mqtt_broker: Broker, tmp_path: Path) -> None:
+        broker_factory: Callable[[], Broker], tmp_path: Path) -> None:
     """Issue 12, class 2 over the wire: "seq": "5", 5.0 or true and a message without "v"
     are dead letters; the device's real seq 5 that follows is the one stored."""
+    mqtt_broker = broker_factory()  # no retained status of other tests' devices
     pub = _publisher(mqtt_broker, "dev-8")
     t = topic("loose", "dev-8", "telemetry")
     real = json.loads(_tel(5))
@@ -296,11 +297,13 @@ def _raw(draw: st.DrawFn) -> bytes:
 _hostile = st.tuples(st.sampled_from(["telemetry", "events", "status"]), st.data())
 
 
-def test_hostile_payloads_into_a_real_collector(mqtt_broker: Broker, tmp_path: Path) -> None:
+def test_hostile_payloads_into_a_real_collector(broker_factory: Callable[[], Broker],
+                                                tmp_path: Path) -> None:
     """Property: each hostile payload on a real topic is stored only if it decodes, else
     counted as a rejection with its raw bytes in ``rejects``; every one is acknowledged
     (nothing queued, no retry), the database refuses nothing that decoded, and a valid
     message sent right after is stored exactly once."""
+    mqtt_broker = broker_factory()  # no retained status of other tests' devices
     pub = _publisher(mqtt_broker, "dev-7")
     col = Collector(mqtt_broker.settings("collector"), db=tmp_path / "f.db",
                     session_expiry_s=0, max_payload_bytes=_MAX_PAYLOAD).start()
