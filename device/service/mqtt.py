@@ -290,7 +290,8 @@ class MqttFrontEnd:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = corr
         self.client.publish(topic, payload, qos=1, properties=props)
-        self.answered += 1
+        with self._lock:  # paho's thread (errors) and the service's loop (answers)
+            self.answered += 1
         return True
 
     def _handle(self, msg: Any) -> None:
