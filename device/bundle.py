@@ -88,7 +88,11 @@ def load_bundle(
     if _is_archive(src):
         with tempfile.TemporaryDirectory(prefix="toma-edge-bundle-") as d:
             folder = extract_archive(src, Path(d))
-            return _load_folder(src, folder, trust_key=trust_key, threads=threads, adapter=adapter)
+            try:
+                return _load_folder(src, folder, trust_key=trust_key, threads=threads,
+                                    adapter=adapter)
+            except BundleError as e:  # name the archive, not a folder that is gone
+                raise BundleError(str(e).replace(str(folder), str(src))) from e
     return _load_folder(src, src, trust_key=trust_key, threads=threads, adapter=adapter)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .budget import format_size
 from .bundle import extract_archive, verify_bundle
+from .errors import BundleError
 
 __all__ = ["describe"]
 
@@ -18,8 +19,12 @@ __all__ = ["describe"]
 def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False) -> str:
     """Verify the bundle (folder or .tar.gz) and describe it; BundleError if a check fails."""
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-        with tempfile.TemporaryDirectory() as d:
-            return describe(extract_archive(path, Path(d)), trust_key=trust_key, as_json=as_json)
+        with tempfile.TemporaryDirectory(prefix="toma-edge-inspect-") as d:
+            try:
+                return describe(extract_archive(path, Path(d)), trust_key=trust_key,
+                                as_json=as_json)
+            except BundleError as e:  # name the archive, not a folder that is gone
+                raise BundleError(str(e).replace(d, str(path))) from e
     vb = verify_bundle(path, trust_key=trust_key)
     m = vb.manifest
     if as_json:

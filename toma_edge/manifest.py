@@ -140,6 +140,13 @@ class Manifest(BaseModel):
     candidates: tuple[dict[str, Any], ...] | None = None
     build: dict[str, Any] | None = None
 
+    @field_validator("name", "version")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not 1 <= len(v) <= 200 or not v.isprintable():
+            raise ValueError("must be 1 to 200 printable characters on one line")
+        return v
+
     @field_validator("files")
     @classmethod
     def _file_names(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
