@@ -294,7 +294,9 @@ def _csv_block_parser(engine: str | None = None) -> Callable[[bytes, bytes], np.
     pd: Any = None
     if engine != "numpy":
         try:
-            import pandas as pd
+            import pandas
+
+            pd = pandas
         except ImportError:
             if engine == "pandas":
                 raise
@@ -508,6 +510,8 @@ class JsonlReader(_TextReader):
             good: list[Any] = []
             start = line
             for i, raw in enumerate(block.split(b"\n")):
+                a: np.ndarray | None
+                reason: str | None
                 if len(raw) > self.max_line_bytes:
                     a, reason = None, self._too_long_reason()
                 elif not raw.strip():

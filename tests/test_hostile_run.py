@@ -36,9 +36,10 @@ WIDTH = 10  # the built-in example's input width
 F32_MAX = float(np.finfo(np.float32).max)
 _SLOW = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
          HealthCheck.data_too_large, HealthCheck.filter_too_much]
-# the profile decides, but a subprocess costs ~0.5-1 s: at most this many per CLI property
-_CLI_EXAMPLES = min(12, settings().max_examples)
-_RUN_EXAMPLES = min(25, settings().max_examples)
+# the profile decides, scaled down where an example costs a model load (run(): ~0.1-0.2 s)
+# or a process (the CLI: ~0.5-1 s): default 20 and 10, long 1000 and 500
+_RUN_EXAMPLES = max(1, settings().max_examples // 2)
+_CLI_EXAMPLES = max(1, settings().max_examples // 4)
 
 NO_PANDAS = ("import sys; sys.modules['pandas'] = None; sys.argv[0] = 'toma-edge'; "
              "from toma_edge.cli import main; main()")
@@ -575,9 +576,10 @@ def jsonl_files(draw: st.DrawFn) -> tuple[bytes, list[list[float] | None]]:
             obj = {"inputs": [row[:5], row[5:]]}
         lines.append(raw if raw is not None else json.dumps(obj).encode())
         expect.append(vals if kind in ("good", "nested") else None)
-    end = draw(st.sampled_from([b"\n", b"\r\n"]))
-    data = (b"\xef\xbb\xbf" if draw(st.booleans()) else b"") + end.join(lines) + (
-        end if lines and draw(st.booleans()) else b"")
+    end: bytes = draw(st.sampled_from([b"\n", b"\r\n"]))
+    bom = b"\xef\xbb\xbf" if draw(st.booleans()) else b""
+    final = end if bool(lines) and draw(st.booleans()) else b""
+    data = bom + end.join(lines) + final
     return data, expect
 
 
