@@ -12,12 +12,22 @@ or invalid manifest, unsupported ``schema_version``, unsigned or wrongly signed 
 trust key), a file missing, truncated or tampered (sha256), or an ExecuTorch major.minor
 that differs from this runtime's. The model is hashed again from the very bytes that are
 loaded, so a file swapped between the check and the load is caught too.
+
+The ExecuTorch runtime trusts the program it loads: crafted model.pte bytes (with a
+manifest whose hashes match them) can crash the process (SIGSEGV, abort), and no
+verification flag prevents it. A bundle is trusted when it is signed and checked with a
+trust key; for one that is not and that a long-running process must survive (an upload
+to ``serve``), ``load_bundle(..., isolate=True)`` first loads and runs the very same bytes
+once in a child process, and a child that dies is a BundleError, not a dead service.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +37,7 @@ from ..bundle import extract_archive, verify_bundle
 from ..errors import BundleError, ConfigError
 from ..manifest import Manifest
 
-__all__ = ["LoadedBundle", "load_bundle", "resolve_threads"]
+__all__ = ["LoadedBundle", "load_bundle", "resolve_threads", "probe_program"]
 
 
 def resolve_threads(manifest: Manifest, threads: int | None = None) -> int:
@@ -75,12 +85,15 @@ def load_bundle(
     trust_key: str | Path | None = None,
     threads: int | None = None,
     adapter: str = "auto",
+    isolate: bool = False,
 ) -> LoadedBundle:
     """Verify a bundle folder or ``.tar.gz`` archive and load its ``model.pte``.
 
     ``trust_key``: an Ed25519 public key (PEM); when given, an unsigned or wrongly signed
     bundle is refused. ``threads``: XNNPACK's thread count (set before the method loads;
-    None: the target profile's, capped at this machine's CPUs). Raises :class:`BundleError` naming the failed check.
+    None: the target profile's, capped at this machine's CPUs). ``isolate``: load and run
+    the program once in a child process first (:func:`probe_program`, ~0.3 s), for a
+    bundle from an untrusted source. Raises :class:`BundleError` naming the failed check.
     """
     src = Path(path_or_archive)
     if not src.exists():
@@ -90,14 +103,16 @@ def load_bundle(
             folder = extract_archive(src, Path(d))
             try:
                 return _load_folder(src, folder, trust_key=trust_key, threads=threads,
-                                    adapter=adapter)
+                                    adapter=adapter, isolate=isolate)
             except BundleError as e:  # name the archive, not a folder that is gone
                 raise BundleError(str(e).replace(str(folder), str(src))) from e
-    return _load_folder(src, src, trust_key=trust_key, threads=threads, adapter=adapter)
+    return _load_folder(src, src, trust_key=trust_key, threads=threads, adapter=adapter,
+                        isolate=isolate)
 
 
 def _load_folder(
-    source: Path, folder: Path, *, trust_key: str | Path | None, threads: int | None, adapter: str
+    source: Path, folder: Path, *, trust_key: str | Path | None, threads: int | None,
+    adapter: str, isolate: bool = False,
 ) -> LoadedBundle:
     vb = verify_bundle(folder, trust_key=trust_key)
     entry = vb.manifest.files["model.pte"]
@@ -114,6 +129,8 @@ def _load_folder(
     from .adapter import load_program
 
     n = resolve_threads(vb.manifest, threads)
+    if isolate:
+        probe_program(data, adapter=adapter, where=folder / "model.pte")
     program = load_program(data, threads=n, adapter=adapter)
     _check_io(folder, vb.manifest, program)
     return LoadedBundle(source=source, path=folder, manifest=vb.manifest, program=program,
@@ -138,3 +155,57 @@ def _check_io(folder: Path, m: Manifest, program: Any) -> None:
                 f"{folder}: model.pte accepts batches up to {info.shape[0]} but the manifest says "
                 f"max_batch {m.max_batch}; rebuild the bundle"
             )
+
+
+def probe_program(data: bytes, *, adapter: str = "auto", where: str | Path = "model.pte",
+                  timeout_s: float = 120.0) -> None:
+    """Load ``data`` (a .pte's bytes) and run it once on zeros (one row) in a child
+    process; BundleError if the child crashes, hangs past ``timeout_s`` or fails.
+
+    The child costs a Python start and one more copy of the model for a moment (~0.3 s,
+    a few MiB for a small model); the caller then loads the same bytes in-process.
+    """
+    try:
+        r = subprocess.run([sys.executable, "-m", "toma_edge.device.bundle", "--probe", adapter],
+                           input=data, capture_output=True, timeout=timeout_s,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    except subprocess.TimeoutExpired as e:
+        raise BundleError(f"{where}: the program did not load and run within {timeout_s:g} s "
+                          "in a test process; refused") from e
+    except OSError as e:
+        raise BundleError(f"{where}: cannot start a process to test the program: "
+                          f"{e.strerror or e}") from e
+    if r.returncode == 0:
+        return
+    if r.returncode < 0:
+        try:
+            sig = signal.Signals(-r.returncode).name
+        except ValueError:
+            sig = f"signal {-r.returncode}"
+        raise BundleError(f"{where}: the program crashes the ExecuTorch runtime ({sig} when "
+                          "loaded and run in a test process); refused: a malformed or hostile "
+                          "model.pte (sign bundles and serve with --trust-key)")
+    lines = r.stdout.decode("utf-8", "replace").strip().splitlines()
+    why = lines[-1] if lines else f"exit code {r.returncode}"
+    raise BundleError(f"{where}: {why}")
+
+
+def _probe_main(adapter: str) -> int:
+    """The child of :func:`probe_program`: the .pte's bytes on stdin."""
+    import numpy as np
+
+    from ..errors import TomaEdgeError
+    from .adapter import load_program
+
+    try:
+        prog = load_program(sys.stdin.buffer.read(), threads=1, adapter=adapter)
+        arrays = [np.zeros((1, *i.shape[1:]), dtype=i.dtype) for i in prog.inputs]
+        prog.run(arrays)
+    except TomaEdgeError as e:
+        print(" ".join(str(e).split()))
+        return 2
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:
+    sys.exit(_probe_main(sys.argv[2] if len(sys.argv) > 2 else "auto"))
