@@ -349,7 +349,12 @@ def extract_archive(
                         raise BundleError(f"{archive}: cannot read {_show(member.name)}")
                     out = dest / name
                     # "x": never through a link or over a file that was there before
-                    with open(out, "xb") as f:
+                    try:
+                        f = open(out, "xb")  # noqa: SIM115 - closed just below
+                    except FileExistsError as e:
+                        raise BundleError(f"{out} already exists; unpack a bundle archive "
+                                          "into an empty folder") from e
+                    with f:
                         written.append(out)
                         shutil.copyfileobj(src, f, _COPY_CHUNK)
     except _ArchiveCap as e:
@@ -379,7 +384,7 @@ def _scan(tar: tarfile.TarFile, archive: str | Path, *, max_members: int, max_by
         if len(members) > max_members:
             raise BundleError(f"{archive}: refused: more than {max_members} members "
                               "(a bundle holds a handful of files)")
-        if not (m.isdir() or m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)):
+        if not (m.isdir() or m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)) or m.sparse:
             raise BundleError(f"{archive}: archive holds {_show(m.name)}, which is not a "
                               "regular file or folder (links, devices, sparse files are refused)")
         parts = Path(m.name).parts
