@@ -18,7 +18,7 @@ __all__ = ["describe"]
 
 def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False) -> str:
     """Verify the bundle (folder or .tar.gz) and describe it; BundleError if a check fails."""
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tempfile.TemporaryDirectory(prefix="toma-edge-inspect-") as d:
             try:
                 return describe(extract_archive(path, Path(d)), trust_key=trust_key,
