@@ -21,11 +21,15 @@ def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tempfile.TemporaryDirectory(prefix="toma-edge-inspect-") as d:
             try:
-                return describe(extract_archive(path, Path(d)), trust_key=trust_key,
-                                as_json=as_json)
+                return _describe(extract_archive(path, Path(d)), path, trust_key=trust_key,
+                                 as_json=as_json)
             except BundleError as e:  # name the archive, not a folder that is gone
                 raise BundleError(str(e).replace(d, str(path))) from e
-    vb = verify_bundle(path, trust_key=trust_key)
+    return _describe(path, path, trust_key=trust_key, as_json=as_json)
+
+
+def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool) -> str:
+    vb = verify_bundle(folder, trust_key=trust_key)
     m = vb.manifest
     if as_json:
         return m.to_json().rstrip()
