@@ -596,7 +596,7 @@ def npy_files(draw: st.DrawFn) -> tuple[bytes, np.ndarray | None]:
                                   "<U2", "O"]))
     shape = draw(st.sampled_from([(n, WIDTH)] * 5 + [(n, WIDTH - 1), (n, 2, 5), (n,), ()]))
     with np.errstate(all="ignore"):
-        a = (np.random.default_rng(draw(st.integers(0, 99))).random(shape) * 200 - 100)
+        a = np.asarray(np.random.default_rng(draw(st.integers(0, 99))).random(shape) * 200 - 100)
         if dtype == "O":
             a = a.astype(object)
         else:
