@@ -321,6 +321,17 @@ def test_collector_session_cannot_be_stolen(mqtt_broker: Broker, tmp_path: Path)
         c.loop_start()
         return c, got
 
+    def drop_sessions() -> None:
+        # clean start ends a user's own persistent session (an earlier test's collector
+        # may have left one subscribed to every fleet: that would be its own, not stolen)
+        for user in ("collector-2", "collector", "client-app-2"):
+            clean = make_client(mqtt_broker.settings(user), client_id="x")
+            clean.connect("127.0.0.1", mqtt_broker.port, clean_start=True)
+            clean.loop_start()
+            time.sleep(0.3)
+            _stop(clean)
+
+    drop_sessions()
     col, _ = collector("collector-2", "col-steal")
     col.subscribe(sub, qos=1)
     time.sleep(0.5)
@@ -349,12 +360,7 @@ def test_collector_session_cannot_be_stolen(mqtt_broker: Broker, tmp_path: Path)
         finally:
             _stop(col)
     finally:
-        for user in ("collector-2", "collector", "client-app-2"):  # drop the sessions
-            clean = make_client(mqtt_broker.settings(user), client_id="x")
-            clean.connect("127.0.0.1", mqtt_broker.port, clean_start=True)
-            clean.loop_start()
-            time.sleep(0.3)
-            _stop(clean)
+        drop_sessions()
     assert sorted(seqs) == [1, 2, 3, 4, 5]
 
 

@@ -15,7 +15,8 @@ def describe_validation_error(e: ValidationError, *, top: str = "(top level)") -
     """``field 'a.b': message`` (or ``unknown key 'a.b'``) for the first error, with a
     count of the others."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or top
+    # keys come from the user's file: escape them so the message stays one line
+    loc = ".".join(str(p) for p in err["loc"]).encode("unicode_escape").decode() or top
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"unknown key '{loc}'{more}"

@@ -253,11 +253,15 @@ def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
 @click.option("--ca-file", type=click.Path(dir_okay=False), default=None, help="CA certificate (PEM) of an mqtts:// broker [default: the system's CAs].")
 @click.option("--cert-file", type=click.Path(dir_okay=False), default=None, help="Client certificate (PEM), where the broker asks for one.")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Private key (PEM) of --cert-file.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds a client may take to send a request's head (and, scaled by size, its body).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds an idle keep-alive HTTP connection stays open.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True, help="Open HTTP connections at most; beyond it the longest-idle one is closed.")
 @handle_errors
 def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet: str,
           budget: str | None, threads: int | None, telemetry_interval: float, spool: str | None,
           admin_token_file: str | None, trust_key: str | None, password_file: str | None,
-          ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+          ca_file: str | None, cert_file: str | None, key_file: str | None,
+          request_timeout: float, idle_timeout: float, max_connections: int) -> None:
     """Serve a bundle over HTTP (and MQTT) until SIGTERM; SIGHUP reloads BUNDLE."""
     from .device.service import ServiceConfig
     from .device.service import serve as run_service
@@ -268,6 +272,8 @@ def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet
         telemetry_interval_s=telemetry_interval, spool=spool,
         admin_token_file=admin_token_file, trust_key=trust_key, mqtt_password_file=password_file,
         mqtt_ca_file=ca_file, mqtt_cert_file=cert_file, mqtt_key_file=key_file,
+        request_timeout_s=request_timeout, idle_timeout_s=idle_timeout,
+        max_connections=max_connections,
     )
     sys.exit(run_service(cfg))
 

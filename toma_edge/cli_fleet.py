@@ -181,7 +181,8 @@ def collect(url: str, db: str, password_file: Path | None, ca_file: Path | None,
         reader.close()
     s = collector.stats
     click.echo(f"stopped: {s.received} received, {s.stored} stored, {s.duplicates} "
-               f"duplicates, {s.rejected} rejected", err=True)
+               f"duplicates, {s.rejected} rejected, {s.dead_lettered} dead-lettered, "
+               f"{s.retries} retries", err=True)
 
 
 @fleet.command()

@@ -64,6 +64,7 @@ __all__ = [
     "parse_mqtt_url",
     "mqtt_settings",
     "make_client",
+    "tolerate_bom_in_mqtt_strings",
     "connect_properties",
 ]
 
@@ -452,6 +453,47 @@ def mqtt_settings(
     )
 
 
+def tolerate_bom_in_mqtt_strings() -> None:
+    """Make paho-mqtt accept U+FEFF in MQTT v5 string properties, as MQTT requires.
+
+    paho 2.x treats U+FEFF in a received string property (Response Topic, Content Type,
+    User Property) as a malformed packet and drops the connection, although MQTT 5.0
+    [MQTT-1.5.4-3] says it MUST be accepted and mosquitto forwards it: one request
+    carrying it would disconnect the device (its Last Will says offline) every time.
+    This replaces paho's ``properties.readUTF`` with the same check minus that rule;
+    bytes that are not UTF-8 become a malformed packet (paho raised UnicodeDecodeError
+    in its network thread). Idempotent; leaves a paho that accepts U+FEFF alone.
+    """
+    from paho.mqtt import properties
+    from paho.mqtt.exception import MalformedPacket
+
+    original = properties.readUTF
+    if getattr(original, "_toma_edge", False):
+        return
+    try:
+        original(b"\x00\x03\xef\xbb\xbf", 5)
+        return  # this paho reads U+FEFF as it should
+    except MalformedPacket:
+        pass
+
+    def read_utf(buffer: Any, maxlen: int) -> tuple[str, int]:
+        if maxlen < 2:
+            raise MalformedPacket("Not enough data to read string length")
+        length = properties.readInt16(buffer)
+        if length > maxlen - 2:
+            raise MalformedPacket("Length delimited string too long")
+        try:
+            text = bytes(buffer[2:2 + length]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MalformedPacket(f"[MQTT-1.5.4-1] invalid UTF-8: {e}") from None
+        if "\x00" in text:
+            raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
+        return text, length + 2  # surrogates cannot come out of a strict UTF-8 decode
+
+    read_utf._toma_edge = True  # type: ignore[attr-defined]
+    properties.readUTF = read_utf
+
+
 def make_client(
     settings: MqttSettings,
     *,
@@ -465,6 +507,7 @@ def make_client(
     """
     import paho.mqtt.client as mqtt
 
+    tolerate_bom_in_mqtt_strings()  # one U+FEFF must not drop any of our connections
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,

@@ -196,11 +196,15 @@ class ModelHolder:
             raise BundleError("no model is loaded yet")
         return m
 
-    def load(self, source: str | Path, *, label: str | None = None) -> ServedModel:
+    def load(self, source: str | Path, *, label: str | None = None,
+             isolate: bool = False) -> ServedModel:
         """Verify, load and warm up the bundle at ``source`` without serving it
-        (``label``: what :attr:`ServedModel.source` says, default ``source``)."""
+        (``label``: what :attr:`ServedModel.source` says, default ``source``; ``isolate``:
+        run the program once in a child process first, so a crafted program that crashes
+        the runtime is refused instead of killing the service)."""
         t0 = time.perf_counter()
-        b = load_bundle(source, trust_key=self.trust_key, threads=self.threads)
+        b = load_bundle(source, trust_key=self.trust_key, threads=self.threads,
+                        isolate=isolate)
         p = Predictor(b, budget=self.budget)
         _warm_up(p)
         log.info("loaded %s %s from %s in %.2f s (batch %d rows, %s)", p.manifest.name,
@@ -225,7 +229,8 @@ class ModelHolder:
                 # a folder's manifest is read before loading anything (verified again by load)
                 self._check_contract(old, read_manifest(Path(source) / MANIFEST_NAME))
             try:
-                new = self.load(source, label=label)
+                # a replacement nobody signed for us may be crafted: probe it in a child
+                new = self.load(source, label=label, isolate=self.trust_key is None)
             except TomaEdgeError:
                 self.refused += 1
                 raise

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import InputError, TomaEdgeError
 from ...jsonio import loads
 from ...telemetry import MqttSettings, make_client
-from ..agent import ThrottledLog, tolerate_bom_in_mqtt_strings
+from ..agent import ThrottledLog
 from ..predictor import Prediction
 from .batcher import Overloaded, ShuttingDown
 from .protocol import RequestError, decode_json, encode_answer, encode_error
@@ -122,11 +122,10 @@ class MqttFrontEnd:
         self.topic = request_topic(svc.fleet, svc.device_id)
         self.prefix = response_prefix(svc.fleet, svc.device_id)
         self.max_bytes = svc.config.max_body_bytes
-        self._agent = getattr(svc, "agent", None)
-        self._own = self._agent is None or getattr(self._agent, "client", None) is None
+        self._agent = svc.agent
+        self._own = self._agent is None or self._agent.client is None
         self.client: Any = None
         if self._own:
-            tolerate_bom_in_mqtt_strings()
             self.client = make_client(
                 settings, client_id=f"toma-edge-{svc.fleet}-{svc.device_id}-infer")
             self.client.on_connect = self._on_connect
