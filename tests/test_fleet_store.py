@@ -419,3 +419,58 @@ def test_concurrent_openers_migrate_once(store_db: str) -> None:
         assert pool.map(_open_and_count, [store_db] * 4) == [0] * 4
     with open_store(store_db) as s:
         assert s._rows("SELECT version_num FROM alembic_version") == [(HEAD,)]
+
+
+# -- r0003: rollouts ---------------------------------------------------------------------------
+
+def _rollout_row(t: float = T0) -> dict[str, Any]:
+    return dict(fleet="f", state="running", reason="", release_name="m",
+                release_version="2", bundle_sha256="ab" * 32, bundle_bytes=123,
+                bundle_path="/b.tar.gz", params="{}", job="{}", wave=0, created_at=t,
+                updated_at=t, deadline=t + 600, finished_at=None, owner="", heartbeat=None)
+
+
+def test_rollout_tables_round_trip(store: Any) -> None:
+    rid = store.create_rollout(_rollout_row(), [("d1", 0), ("d2", 1), ("d3", 1)])
+    rid2 = store.create_rollout(_rollout_row(), [("d1", 0)])
+    day = time.strftime("%Y%m%d", time.gmtime(T0))
+    assert (rid, rid2) == (f"r-{day}-0001", f"r-{day}-0002")
+    assert [r["id"] for r in store.rollouts(fleet="f")] == [rid2, rid]
+    assert store.rollouts(fleet="other") == []
+    devs = store.rollout_devices(rid)
+    assert [(d["device_id"], d["wave"], d["state"]) for d in devs] == [
+        ("d1", 0, "pending"), ("d2", 1, "pending"), ("d3", 1, "pending")]
+    assert store.update_rollout_device(rid, "d2", state="sent", sent_at=T0 + 1)
+    assert not store.update_rollout_device(rid, "nope", state="sent")
+    assert store.rollout_devices(rid)[1]["state"] == "sent"
+    # ownership: one controller at a time; a stale or dead owner is taken over
+    assert store.claim_rollout(rid, "host:1", now=T0)
+    assert not store.claim_rollout(rid, "host:2", now=T0 + 1)
+    assert store.claim_rollout(rid, "host:2", now=T0 + 1, take_from="host:1")
+    assert not store.update_rollout(rid, where_owner="host:1", wave=1)
+    assert store.update_rollout(rid, where_owner="host:2", wave=1)
+    assert store.claim_rollout(rid, "host:3", now=T0 + 100)  # host:2 silent for 99 s
+    assert store.rollout(rid)["wave"] == 1 and store.rollout("r-x") is None
+    with pytest.raises(TelemetryError, match="no settable column"):
+        store.update_rollout(rid, bogus=1)
+    assert store.count("rollout_devices") == 4
+
+
+def test_rollout_events_are_read_by_kind(store: Any) -> None:
+    ev = [Record("f", "d1", EventMessage(seq=i, ts=T0 + i, kind=k, fields={"rollout_id": "r"}),
+                 T0 + i) for i, k in enumerate(["model_loaded", "rollout.received",
+                                                "rollout.healthy"], start=1)]
+    store.write_batch(ev)
+    got = store.rollout_events("f", since=T0)
+    assert [e["kind"] for e in got] == ["rollout.received", "rollout.healthy"]
+    assert store.rollout_events("f", since=T0 + 3)[0]["kind"] == "rollout.healthy"
+    assert store.rollout_events("g") == []
+
+
+def test_r0002_store_is_upgraded_to_rollouts(store_db: str) -> None:
+    _upgrade_to(store_db, "0002")
+    with open_store(store_db) as s:
+        assert s._rows("SELECT version_num FROM alembic_version") == [(HEAD,)]
+        assert s.count("rollouts") == 0
+        s.create_rollout(_rollout_row(), [("d1", 0)])
+        assert s.count("rollout_devices") == 1

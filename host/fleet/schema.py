@@ -22,7 +22,7 @@ from ...errors import TelemetryError
 
 __all__ = ["HEAD", "migrate", "migrate_sqlite", "migrate_postgres", "revision_of"]
 
-HEAD = "0002"
+HEAD = "0003"
 """The newest revision in ``migrations/versions`` (a test checks it against alembic)."""
 
 _PG_LOCK_KEY = 0x746F6D61  # "toma": pg_advisory_xact_lock key of the migration

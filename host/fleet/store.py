@@ -41,7 +41,7 @@ from ...telemetry import EventMessage, Message, StatusMessage, TelemetryMessage,
 if TYPE_CHECKING:
     from .store_pg import PgFleetStore
 
-__all__ = ["FleetStore", "Record", "DeviceRow", "BatchResult", "Reject", "StoreUnavailable",
+__all__ = ["FleetStore", "Record", "ROLLOUT_COLUMNS", "ROLLOUT_DEVICE_COLUMNS", "DeviceRow", "BatchResult", "Reject", "StoreUnavailable",
            "open_store"]
 
 _TELEMETRY_FIELDS = [f for f in TelemetryMessage.model_fields if f != "v"]
@@ -49,7 +49,12 @@ _STATUS_FIELDS = [f for f in StatusMessage.model_fields if f != "v"]
 TELEMETRY_COLUMNS = ["fleet", "device_id", *_TELEMETRY_FIELDS, "received_at"]
 EVENT_COLUMNS = ["fleet", "device_id", "seq", "ts", "kind", "fields", "received_at"]
 STATUS_COLUMNS = ["fleet", "device_id", *_STATUS_FIELDS, "received_at"]
-TABLES = ("telemetry", "events", "status", "rejected", "rejects")
+TABLES = ("telemetry", "events", "status", "rejected", "rejects", "rollouts", "rollout_devices")
+ROLLOUT_COLUMNS = ("id", "fleet", "state", "reason", "release_name", "release_version",
+                   "bundle_sha256", "bundle_bytes", "bundle_path", "params", "job", "wave",
+                   "created_at", "updated_at", "deadline", "finished_at", "owner", "heartbeat")
+ROLLOUT_DEVICE_COLUMNS = ("rollout_id", "device_id", "wave", "state", "reason", "detail",
+                          "sent_at", "updated_at", "rollback_sent_at", "cleared")
 
 
 def _values(n: int) -> str:
@@ -433,6 +438,114 @@ class _SqlStore:
         for d in out:
             d["payload"] = bytes(d["payload"])
         return out
+
+    # -- rollouts (issue 15; the controller is toma_edge.host.fleet.rollout) ----------------
+    def create_rollout(self, row: dict[str, Any], devices: Sequence[tuple[str, int]]) -> str:
+        """Insert a rollout (``row``: the ROLLOUT_COLUMNS but ``id``) and its targeted
+        ``(device_id, wave)`` rows in one transaction; returns its new id,
+        ``r-YYYYMMDD-NNNN`` (the date of ``created_at``, UTC; NNNN counts that day's)."""
+        day = time.strftime("%Y%m%d", time.gmtime(float(row["created_at"])))
+        cols = [c for c in ROLLOUT_COLUMNS if c != "id"]
+        sql = (f"INSERT INTO rollouts (id, {', '.join(cols)}) "
+               f"VALUES ({', '.join('?' * (len(cols) + 1))}) ON CONFLICT DO NOTHING")
+        try:
+            for _attempt in range(20):
+                with self._tx():
+                    n = int(self._rows("SELECT COUNT(*) FROM rollouts WHERE id LIKE ?",
+                                       (f"r-{day}-%",))[0][0])
+                    rid = f"r-{day}-{n + 1:04d}"
+                    if not self._exec(sql, (rid, *(row[c] for c in cols))):
+                        continue  # another controller took that number: count again
+                    for dev, wave in devices:
+                        self._exec(
+                            "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, "
+                            "updated_at) VALUES (?, ?, ?, 'pending', ?)",
+                            (rid, dev, int(wave), float(row["created_at"])))
+                    return rid
+        except TelemetryError:
+            raise
+        except Exception as e:
+            raise self._unavailable(e) from e
+        raise StoreUnavailable("fleet database: no free rollout id after 20 attempts")
+
+    def rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout as a dict of ROLLOUT_COLUMNS (None: no such id)."""
+        rows = self._dicts(f"SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts WHERE id = ?",
+                           (rollout_id,), ROLLOUT_COLUMNS)
+        return rows[0] if rows else None
+
+    def rollouts(self, *, fleet: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Rollouts newest first (of ``fleet``, or all), as dicts of ROLLOUT_COLUMNS."""
+        where, params = ("WHERE fleet = ?", (fleet,)) if fleet else ("", ())
+        return self._dicts(
+            f"SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts {where} "
+            f"ORDER BY created_at DESC, id DESC LIMIT {max(0, int(limit))}",
+            params, ROLLOUT_COLUMNS)
+
+    def rollout_devices(self, rollout_id: str) -> list[dict[str, Any]]:
+        """The targeted devices of a rollout by wave and id (ROLLOUT_DEVICE_COLUMNS)."""
+        return self._dicts(
+            f"SELECT {', '.join(ROLLOUT_DEVICE_COLUMNS)} FROM rollout_devices "
+            "WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,),
+            ROLLOUT_DEVICE_COLUMNS)
+
+    def update_rollout(self, rollout_id: str, *, where_owner: str | None = None,
+                       **fields: Any) -> bool:
+        """Set columns of a rollout (and ``updated_at``); with ``where_owner`` only while
+        that controller owns it. True when a row changed."""
+        return self._update("rollouts", ROLLOUT_COLUMNS, "id = ?", (rollout_id,),
+                            where_owner, fields)
+
+    def update_rollout_device(self, rollout_id: str, device_id: str, **fields: Any) -> bool:
+        """Set columns of one targeted device of a rollout (and ``updated_at``)."""
+        return self._update("rollout_devices", ROLLOUT_DEVICE_COLUMNS,
+                            "rollout_id = ? AND device_id = ?", (rollout_id, device_id),
+                            None, fields)
+
+    def _update(self, table: str, columns: Sequence[str], where: str, key: tuple[Any, ...],
+                owner: str | None, fields: dict[str, Any]) -> bool:
+        bad = [c for c in fields if c not in columns or c in ("id", "rollout_id", "device_id")]
+        if bad:
+            raise TelemetryError(f"{table} has no settable column {bad[0]!r}")
+        fields.setdefault("updated_at", time.time())
+        sets = ", ".join(f"{c} = ?" for c in fields)
+        params: list[Any] = [*fields.values(), *key]
+        if owner is not None:
+            where += " AND owner = ?"
+            params.append(owner)
+        try:
+            with self._tx():
+                return self._exec(f"UPDATE {table} SET {sets} WHERE {where}", params) > 0
+        except Exception as e:
+            raise self._unavailable(e) from e
+
+    def claim_rollout(self, rollout_id: str, owner: str, *, now: float,
+                      take_from: str | None = None, stale_s: float = 30.0) -> bool:
+        """Make ``owner`` the controller of a running rollout: when nobody owns it, it is
+        ``owner`` already, its owner is ``take_from`` (known dead) or silent for
+        ``stale_s`` seconds (heartbeat). False: another live controller holds it."""
+        try:
+            with self._tx():
+                return self._exec(
+                    "UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
+                    "(owner = '' OR owner = ? OR owner = ? OR heartbeat IS NULL "
+                    "OR heartbeat < ?)",
+                    (owner, now, rollout_id, owner, take_from or owner, now - stale_s)) > 0
+        except Exception as e:
+            raise self._unavailable(e) from e
+
+    def rollout_events(self, fleet: str, *, since: float = 0.0) -> list[dict[str, Any]]:
+        """The ``rollout.*`` events of ``fleet``'s devices received at or after ``since``
+        (unix s, the collector's clock), by device and seq: device_id, seq, ts, kind,
+        fields (the JSON object's text), received_at."""
+        cols = ("device_id", "seq", "ts", "kind", "fields", "received_at")
+        return self._dicts(
+            f"SELECT {', '.join(cols)} FROM events WHERE fleet = ? AND kind LIKE ? "
+            "AND received_at >= ? ORDER BY device_id, seq", (fleet, "rollout.%", since), cols)
+
+    def fleet_device_ids(self, fleet: str) -> list[str]:
+        """Every device of ``fleet`` the store knows (status or telemetry), sorted."""
+        return sorted({str(d) for (f, d) in self._device_keys() if f == fleet})
 
     def _device_keys(self) -> list[tuple[str, str]]:
         return [(str(f), str(d)) for f, d in self._rows(
