@@ -285,7 +285,7 @@ class _TextReader(Reader):
 # -- CSV ------------------------------------------------------------------------------
 
 
-def _csv_block_parser(engine: str | None = None) -> Callable[[bytes, bytes], np.ndarray]:
+def csv_block_parser(engine: str | None = None) -> Callable[[bytes, bytes], np.ndarray]:
     """The fastest well-kept CSV parser installed: pandas' C parser where pandas is
     installed (the host), else numpy's C ``loadtxt`` (the lean device install; about
     0.6x pandas' speed here, no extra dependency). ``engine``: "pandas" or "numpy" to
@@ -393,7 +393,7 @@ class CsvReader(_TextReader):
         return block, dropped
 
     def __iter__(self) -> Iterator[Chunk]:
-        parse = _csv_block_parser(self.engine)
+        parse = csv_block_parser(self.engine)
         for block, line in self._blocks():
             if not self._started:
                 block, dropped = self._header(block)

@@ -5,6 +5,7 @@
     print(s.rows, s.rows_per_s, s.peak_rss_bytes <= s.budget_bytes)
     for line in s.lines(): print(line)                  # the closing summary
     run("dist/rpi4", "rows.npy", "out.npy", skip_bad=True).skipped
+    run("dist/rpi4", "rows.csv", "out.csv", progress=my_progress)   # a toma_edge.progress.Progress
 
 Reading and parsing run in a background thread, at most ``depth`` chunks ahead of the
 model (blocks sized from the working budget left once a batch is paid), and outputs are
@@ -15,22 +16,20 @@ into place only when the run finished: a run that fails (bad row, Ctrl-C, error)
 the output path as it was (stdout gets the CSV/JSON lines written before the failure).
 An output that is the input file (also through links) is refused before anything runs.
 ``seconds`` and ``rows_per_s`` are timed from the first row read to the last row
-written (start-up, ``startup_s``, excluded).
+written (start-up, ``startup_s``, excluded). Progress: one phase, ``inference``, advanced
+by the rows of each chunk written (its total known before reading for .npy only).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..budget import format_size
 from ..errors import InputError
 from ..probes import enable_exact_peaks, peak_probe, process_start_time
+from ..progress import Progress, as_progress
 from .loaders import (
     BadRow,
     Writer,
@@ -43,10 +42,7 @@ from .loaders import (
     same_file,
 )
 
-__all__ = ["RunSummary", "ProgressCallback", "run", "RichProgress"]
-
-ProgressCallback = Callable[[int, "int | None"], None]
-"""``progress(rows_done, total_rows_or_None)`` after each chunk is written."""
+__all__ = ["RunSummary", "run"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ def run(
     skip_bad: bool = False,
     trust_key: str | Path | None = None,
     depth: int = 4,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     exact_peaks: bool = True,
     t_start: float | None = None,
 ) -> RunSummary:
@@ -112,6 +108,7 @@ def run(
     makes glibc return large freed blocks at once (so RSS readings are honest).
     ``t_start``: a ``time.perf_counter()`` reading to time ``startup_s`` from (default:
     this process's start, so ``startup_s`` covers interpreter, imports and loading).
+    ``progress``: told of the ``inference`` phase and the rows of each chunk written.
     Raises BundleError, BudgetError or InputError; then ``output`` is as it was before
     (a file), or holds the CSV/JSON lines of the rows before the bad one (stdout).
     """
@@ -125,9 +122,9 @@ def run(
     from .predictor import Predictor
 
     if in_fmt == "csv":
-        from .loaders import _csv_block_parser
+        from .loaders import csv_block_parser
 
-        _csv_block_parser()  # import the CSV parser now: part of the baseline, not of the work
+        csv_block_parser()  # import the CSV parser now: part of the baseline, not of the work
     pred = Predictor(bundle, budget=budget, threads=threads, trust_key=trust_key)
     classes = pred.manifest.task == "classification"
     reader = open_reader(input, row_shape=pred.input_spec.row_shape, fmt=in_fmt,
@@ -138,6 +135,8 @@ def run(
     startup = (time.time() - t0) if t_start is None else (t1 - t0)
     writer: Writer | None = None
     done = 0
+    shown = as_progress(progress)
+    shown.phase("inference", reader.total_rows)
     try:
         chunks = prefetch(reader, depth=depth)
         for chunk in chunks:
@@ -147,12 +146,12 @@ def run(
             p = pred.predict(chunk.rows, first_row=chunk.first_line, finite_checked=chunk.finite_checked)
             writer.write(p.outputs, p.classes)
             done += len(p)
-            if progress is not None:
-                progress(done, reader.total_rows)
+            shown.advance(len(p), total=reader.total_rows)
         if writer is None:  # empty input: still write an (empty) output
             writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
                                  header=reader.had_header, classes=classes)
         writer.close()  # moved into place: the run finished
+        shown.done()
     except BaseException:
         if writer is not None:
             writer.abort()  # the output path keeps what it held; no temporary file stays
@@ -167,51 +166,4 @@ def run(
         batch_size=pred.batch_size, threads=pred.threads, input_format=in_fmt,
         output_format=out_fmt,
     )
-
-
-class RichProgress:
-    """A rich progress bar (rows, rows/s) on stderr when it is a terminal; else silent.
-
-    Pass the instance as ``progress`` to :func:`run`, and call :meth:`stop` after it.
-    """
-
-    def __init__(self) -> None:
-        self._bar: Any = None
-        self._task: Any = None
-        self.console: Any = None
-        self.enabled = False
-        if not (sys.stderr.isatty() or os.environ.get("FORCE_TERMINAL") or os.environ.get("TTY_COMPATIBLE")):
-            return  # not a terminal: don't pay for importing rich (~10 ms of a Pi's start)
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.enabled = self.console.is_terminal
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("inference"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(),
-                console=self.console, transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("run", total=total, rate="-")
-            self._t0 = time.perf_counter()
-        rate = done / max(1e-9, time.perf_counter() - self._t0)
-        self._bar.update(self._task, completed=done, rate=f"{rate:,.0f}")
-
-    def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .adaptive import AdaptCallback, BatchSizePolicy, _release_after_oom, is_oom_error
+from .adaptive import AdaptCallback, BatchSizePolicy, is_oom_error, release_after_oom
 from .errors import BudgetError
 from .probes import peak_probe
 
@@ -111,7 +111,7 @@ def accumulate_step(
                 raise
             failed = True
         if failed:
-            _release_after_oom()
+            release_after_oom()
             policy.failure(j - i)
             if in_backward:  # part of this micro-batch's gradient is already in .grad
                 restarts += 1

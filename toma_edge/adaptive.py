@@ -374,7 +374,7 @@ def _site_of(fn: Callable[..., Any], key: str | None, depth: int = 2) -> str:
     return f"{getattr(fn, '__module__', '')}.{name}@{where}"
 
 
-def _release_after_oom() -> None:
+def release_after_oom() -> None:
     # no gc.collect(): the failed frames are gone once the except block ends; only hand
     # cached CUDA blocks back so the smaller retry can use them
     torch = sys.modules.get("torch")
@@ -399,7 +399,7 @@ def _run_one(policy: BatchSizePolicy, call: Callable[[], R]) -> tuple[bool, R | 
             raise
         failed = True
     if failed:
-        _release_after_oom()
+        release_after_oom()
         return False, None, None
     return True, result, rise
 

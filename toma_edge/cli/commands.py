@@ -1,75 +1,27 @@
-"""The ``toma-edge`` command line: thin, it parses, calls one library function, formats.
+"""The root ``toma-edge`` group and the model commands: targets, build, wheels, inspect,
+serve, compress, run (``toma-edge fleet ...`` lives in :mod:`toma_edge.cli.fleet`).
 
-Every TomaEdgeError (and click usage error) becomes one line on stderr and exit code 2;
-``--debug`` shows the traceback. Host and device modules are imported inside commands,
-so ``toma-edge run`` never loads the training stack.
+    toma-edge build --target rpi --out dist/rpi4 --archive
+    toma-edge inspect dist/rpi4 --json
+    toma-edge run dist/rpi4 -i rows.npy -o out.npy --budget 512MiB
+
+Every TomaEdgeError (and click usage error) becomes one line on stderr and exit code 2
+(:mod:`toma_edge.cli.errors`); ``--debug`` shows the traceback. Host and device modules are
+imported inside commands, so ``toma-edge run`` never loads the training stack.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import TomaEdgeError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up (a run's
-    temporary output file goes) before the exit."""
-
-
-def _raise_on_sigterm() -> None:
-    import signal
-    import threading
-
-    def on_term(signum: int, frame: object) -> None:
-        raise _Terminated()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn our errors into one line and exit 2 (traceback only with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        debug = bool(ctx.find_root().params.get("debug"))
-        try:
-            return fn(*args, **kwargs)
-        except TomaEdgeError as e:
-            if debug:
-                raise
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        except ModuleNotFoundError as e:
-            from .extras import HOST_ONLY
-
-            if debug or (e.name or "").split(".")[0] not in HOST_ONLY:
-                raise
-            _fail(f"this command needs the host install (training, compression, export): "
-                  f"pip install 'toma-edge[host]' (missing module '{e.name}')")
-        except _Terminated:
-            click.echo("terminated", err=True)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
+from .. import __version__
+from . import rollout  # noqa: F401  (its commands register on the fleet group)
+from .errors import handle_errors, raise_on_sigterm
+from .fleet import fleet
+from .progress import RichReporter
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,8 +39,8 @@ def targets() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .budget import format_size
-    from .profiles import list_profiles
+    from ..budget import format_size
+    from ..profiles import list_profiles
 
     t = Table(title="toma-edge targets")
     for col in ("name", "aliases", "arch", "cpu", "cores", "RAM", "inference budget",
@@ -109,62 +61,7 @@ def targets() -> None:
     console.print(t)
 
 
-from .cli_fleet import fleet  # noqa: E402  (after main and handle_errors, which it uses)
-
 main.add_command(fleet)
-
-
-class _RichReporter:
-    """Progress on a terminal (rich); plain phase lines otherwise."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self._progress: Any = None
-        self._task: Any = None
-
-    def phase(self, name: str, total: int | None = None) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.done()
-        if not self.console.is_terminal:
-            self.console.print(f"{name}...")
-            return
-        cols: list[Any] = [SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}")]
-        if total:
-            cols += [BarColumn(), MofNCompleteColumn()]
-        cols.append(TimeElapsedColumn())
-        self._progress = Progress(*cols, console=self.console, transient=False)
-        self._progress.start()
-        self._task = self._progress.add_task(name, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, n)
-
-    def done(self) -> None:
-        if self._progress is not None:
-            task = self._progress.tasks[0]
-            self._progress.update(self._task, total=task.total or 1, completed=task.total or 1)
-            self._progress.stop()
-            self._progress = None
-
-    def stop(self) -> None:
-        """Stop the display as it is (after a failure)."""
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def info(self, msg: str) -> None:
-        self.console.print(msg)
 
 
 @main.command()
@@ -183,9 +80,9 @@ def build(target: str, project: str | None, out: str | None, storage_budget: str
           latency_budget: float | None, train_budget: str | None, memory_log: str | None,
           sign_key: str | None, archive: bool, wheels_dir: str | None) -> None:
     """Train, compress, export and verify a model; write its bundle."""
-    from .host.build import build as run_build
+    from ..host.build import build as run_build
 
-    rep = _RichReporter()
+    rep = RichReporter()
     try:
         res = run_build(target=target, project=project, out=out, storage_budget=storage_budget,
                         latency_budget_ms=latency_budget, train_budget=train_budget,
@@ -205,7 +102,7 @@ def build(target: str, project: str | None, out: str | None, storage_budget: str
 def _write_wheels(target: str, out: str) -> None:
     from rich.console import Console
 
-    from .host.wheels import write_wheels
+    from ..host.wheels import write_wheels
 
     console = Console(stderr=True)
     with console.status("device wheels") as status:
@@ -231,7 +128,7 @@ def wheels(target: str, out: str) -> None:
 @handle_errors
 def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
     """Show a bundle's manifest and verify its files (and signature)."""
-    from .inspect_bundle import describe
+    from ..inspect_bundle import describe
 
     text = describe(Path(bundle), trust_key=trust_key, as_json=as_json)
     click.echo(text)
@@ -263,8 +160,8 @@ def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet
           ca_file: str | None, cert_file: str | None, key_file: str | None,
           request_timeout: float, idle_timeout: float, max_connections: int) -> None:
     """Serve a bundle over HTTP (and MQTT) until SIGTERM; SIGHUP reloads BUNDLE."""
-    from .device.service import ServiceConfig
-    from .device.service import serve as run_service
+    from ..device.service import ServiceConfig
+    from ..device.service import serve as run_service
 
     cfg = ServiceConfig(
         bundle=bundle, http=None if http.lower() in ("off", "none", "") else http, mqtt=mqtt,
@@ -290,7 +187,7 @@ def compress(model: str, target: str, project: str | None, out: str | None,
              storage_budget: str | None, latency_budget: float | None) -> None:
     """Search compression variants of a saved model (torch.save of the module or a
     state_dict) and write the bundle of the smallest that fits the target."""
-    from .host.compress import compress_saved
+    from ..host.compress import compress_saved
 
     res = compress_saved(model, target=target, project=project, out=out,
                          storage_budget=storage_budget, latency_budget_ms=latency_budget,
@@ -317,11 +214,10 @@ def run_rows(bundle: str, input_: str, output: str, fmt: str | None, budget: str
     An output file appears only when the run finished (a failed or interrupted run
     leaves it as it was); an output that is the input file is refused. Bad rows stop
     the run (exit 2, one line naming the line); --skip-bad skips and counts them."""
-    from .device.runner import RichProgress
-    from .device.runner import run as run_stream
+    from ..device.runner import run as run_stream
 
-    _raise_on_sigterm()
-    bar = RichProgress()
+    raise_on_sigterm()
+    bar = RichReporter(plain_lines=False, rate_unit="rows", transient=True)
     try:
         s = run_stream(bundle, input_, output, fmt=fmt, budget=budget, threads=threads,
                        skip_bad=skip_bad, trust_key=trust_key, progress=bar)
@@ -329,7 +225,3 @@ def run_rows(bundle: str, input_: str, output: str, fmt: str | None, budget: str
         bar.stop()
     for line in s.lines():
         click.echo(line, err=True)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

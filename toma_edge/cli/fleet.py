@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import signal
 import sys
 import threading
@@ -23,36 +22,26 @@ from typing import Any, TypeVar
 
 import click
 
-__all__ = ["fleet"]
+from .errors import handle_errors
+
+__all__ = ["fleet", "db_option", "open_db"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handle_errors(fn: F) -> F:
-    """toma_edge.cli.handle_errors, looked up at call time: cli.py imports this module, and
-    ``python -m toma_edge.cli`` would otherwise import it half-initialised."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import handle_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 _DB_HELP = ("The fleet store: a SQLite file (shared by collectors on this host) or "
             "postgresql://user@host:port/db (password from PGPASSWORD or ~/.pgpass).")
 
 
-def _db_option(fn: F) -> F:
+def db_option(fn: F) -> F:
+    """The ``--db PATH|URL`` option (default fleet.db) of every command that reads the store."""
     return click.option("--db", default="fleet.db", show_default=True, metavar="PATH|URL",
                         help=_DB_HELP)(fn)
 
 
-def _open(db: str, *, create: bool = False) -> Any:
+def open_db(db: str, *, create: bool = False) -> Any:
     """The store behind ``--db`` (a path or a postgresql:// URL)."""
-    from .host.fleet.store import open_store
+    from ..host.fleet.store import open_store
 
     return open_store(db, create=create)
 
@@ -65,7 +54,7 @@ def _say(line: str) -> None:
 
 def _duration_s(value: str, *, option: str) -> float:
     """``30d``, ``12h``, ``45m``, ``90s`` or plain seconds into seconds; ConfigError otherwise."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
     text = value.strip().lower()
@@ -90,7 +79,7 @@ fleet: click.Group = click.Group(
 @click.option("--mqtt", "url", required=True, metavar="URL",
               help="Broker: mqtt://[user@]host[:port] or mqtts://... for TLS. The password "
                    "comes from TOMA_EDGE_MQTT_PASSWORD or --password-file.")
-@_db_option
+@db_option
 @click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File whose first line is the MQTT password.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -126,9 +115,9 @@ def collect(url: str, db: str, password_file: Path | None, ca_file: Path | None,
     load."""
     import logging
 
-    from .host.fleet.collector import Collector
-    from .host.fleet.metrics_exporter import FleetMetrics, parse_host_port, serve_metrics
-    from .telemetry import mqtt_settings, validate_id
+    from ..host.fleet.collector import Collector
+    from ..host.fleet.metrics_exporter import FleetMetrics, parse_host_port, serve_metrics
+    from ..telemetry import mqtt_settings, validate_id
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if fleet_name != "+":
@@ -145,7 +134,7 @@ def collect(url: str, db: str, password_file: Path | None, ca_file: Path | None,
     exporter = None
     if address is not None:
         # a connection of its own: the collector's writer holds a transaction at times
-        reader = _open(db)
+        reader = open_db(db)
         try:
             exporter = serve_metrics(
                 FleetMetrics(reader, collector=collector, max_devices=metrics_max_devices),
@@ -186,16 +175,16 @@ def collect(url: str, db: str, password_file: Path | None, ca_file: Path | None,
 
 
 @fleet.command()
-@_db_option
+@db_option
 @handle_errors
 def status(db: str) -> None:
     """One row per device: online or offline, model and version, last seen, p99 latency,
     memory headroom against the budget, error rate."""
     from rich.console import Console
 
-    from .host.fleet.report import fleet_status_table
+    from ..host.fleet.report import fleet_status_table
 
-    store = _open(db)
+    store = open_db(db)
     try:
         Console(width=200).print(fleet_status_table(store.devices()))
     finally:
@@ -203,7 +192,7 @@ def status(db: str) -> None:
 
 
 @fleet.command()
-@_db_option
+@db_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fleet-report"), show_default=True,
               help="Folder for the PNG plots and the README.md summary.")
@@ -211,9 +200,9 @@ def status(db: str) -> None:
 def report(db: str, out: Path) -> None:
     """Write PNG plots per device (latency, memory against budget, over time) and a
     Markdown summary."""
-    from .host.fleet.report import write_report
+    from ..host.fleet.report import write_report
 
-    store = _open(db)
+    store = open_db(db)
     try:
         paths = write_report(store, out)
     finally:
@@ -222,7 +211,7 @@ def report(db: str, out: Path) -> None:
 
 
 @fleet.command()
-@_db_option
+@db_option
 @click.option("--http", "http", default="127.0.0.1:8090", show_default=True,
               metavar="HOST:PORT", help="Where to serve the dashboard (read-only, no login: "
                                         "keep it on a trusted network or behind a proxy).")
@@ -235,11 +224,11 @@ def dashboard(db: str, http: str, refresh: float, max_devices: int) -> None:
     """Serve a live web page of the fleet: every device (online, model, memory against
     budget, p99, errors, last seen) and a page per device with charts, updated without
     reloading; until Ctrl-C or SIGTERM."""
-    from .host.fleet.dashboard import serve_dashboard
-    from .host.fleet.metrics_exporter import parse_host_port
+    from ..host.fleet.dashboard import serve_dashboard
+    from ..host.fleet.metrics_exporter import parse_host_port
 
     host, port = parse_host_port(http, option="--http")
-    store = _open(db)
+    store = open_db(db)
     try:
         serve_dashboard(store, host, port, refresh_s=refresh, max_devices=max_devices,
                         on_listening=lambda url: _say(
@@ -249,7 +238,7 @@ def dashboard(db: str, http: str, refresh: float, max_devices: int) -> None:
 
 
 @fleet.command()
-@_db_option
+@db_option
 @click.option("--older-than", "older_than", required=True, metavar="DURATION",
               help="Delete telemetry, events and dead letters received before this long "
                    "ago: 30d, 12h, 45m, 90s (device status and reject counts stay).")
@@ -257,7 +246,7 @@ def dashboard(db: str, http: str, refresh: float, max_devices: int) -> None:
 def prune(db: str, older_than: str) -> None:
     """Retention: delete old telemetry, events and dead letters from the store."""
     seconds = _duration_s(older_than, option="--older-than")
-    store = _open(db)
+    store = open_db(db)
     try:
         deleted = store.prune(seconds)
     finally:
