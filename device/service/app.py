@@ -150,7 +150,26 @@ class Service:
         self.holder = ModelHolder(
             budget=parse_size(config.budget) if isinstance(config.budget, str) else config.budget,
             threads=config.threads, trust_key=config.trust_key, on_swap=self._on_swap)
-        self.holder.replace(config.bundle)
+        #: the rollout jobs of this device (``--mqtt`` with telemetry), else None
+        self.rollouts: Any = None
+        #: the bundle path served (a rollout's ``current`` once one installed a release)
+        self.bundle_path = config.bundle
+        if self.mqtt_settings is not None and config.telemetry:
+            from ..jobs import RolloutRunner
+            from ..releases import Releases
+
+            self.rollouts = RolloutRunner(self, Releases.for_service(
+                config.bundle, spool=self._spool_path(), fleet=self.fleet,
+                device_id=self.device_id))
+            self.bundle_path = self.rollouts.prepare(config.bundle)
+        try:
+            self.holder.replace(self.bundle_path)
+        except TomaEdgeError as e:
+            back = self.rollouts.load_failed(e) if self.rollouts is not None else None
+            if back is None:
+                raise
+            self.bundle_path = back
+            self.holder.replace(back)
         p = self.holder.current.predictor
         if config.max_queue_rows is not None:
             rows = int(config.max_queue_rows)
@@ -177,8 +196,7 @@ class Service:
         if self.mqtt_settings is not None and self.config.telemetry:
             from ..agent import TelemetryAgent
 
-            spool = Path(self.config.spool) if self.config.spool else default_spool(
-                self.fleet, self.device_id)
+            spool = self._spool_path()
             spool.parent.mkdir(parents=True, exist_ok=True)
             self.agent = TelemetryAgent(
                 self.mqtt_settings, fleet=self.fleet, device_id=self.device_id, spool=spool,
@@ -191,6 +209,12 @@ class Service:
 
             self.mqtt = MqttFrontEnd(self, self.mqtt_settings)
             self.mqtt.start()
+        if self.rollouts is not None:
+            self.rollouts.start()
+
+    def _spool_path(self) -> Path:
+        return Path(self.config.spool) if self.config.spool else default_spool(
+            self.fleet, self.device_id)
 
     def begin_drain(self) -> None:
         """Say not ready (/readyz 503): a stop is coming."""
@@ -204,6 +228,8 @@ class Service:
         if self.mqtt is not None:
             self.mqtt.stop_taking()
         ok = self.batcher.close(timeout_s=t)
+        if self.rollouts is not None:
+            self.rollouts.close()
         if self.mqtt is not None:
             ok = self.mqtt.close(timeout_s=min(10.0, t)) and ok
         if self.agent is not None:
@@ -230,6 +256,8 @@ class Service:
     def record(self, transport: str, code: int, latency_s: float, rows: int) -> None:
         """Count one answered request in the metrics and the telemetry window."""
         self.metrics.request(transport, code, latency_s=latency_s, rows=rows)
+        if self.rollouts is not None:
+            self.rollouts.record(latency_s, error=code >= 500)
         if self.agent is not None:
             self.agent.record_request(latency_s, rows, error=code >= 400)
 
@@ -335,7 +363,7 @@ class Service:
 
     def reload(self) -> ServedModel:
         """Read the bundle path given at start again (SIGHUP; suits a ``current`` symlink)."""
-        return self.update(self.config.bundle)
+        return self.update(self.bundle_path)
 
     def _on_swap(self, new: ServedModel, old: ServedModel | None) -> None:
         if old is None:
