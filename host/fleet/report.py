@@ -22,7 +22,8 @@ from .store import DeviceRow, FleetStore
 if TYPE_CHECKING:
     from .store_pg import PgFleetStore
 
-__all__ = ["fleet_status_table", "write_report", "format_age"]
+__all__ = ["fleet_status_table", "write_report", "format_age", "rollouts_table",
+           "rollout_devices_table", "write_rollout_timeline"]
 
 
 def format_age(seconds: float | None) -> str:
@@ -169,7 +170,120 @@ def write_report(store: FleetStore | PgFleetStore, out_dir: str | Path) -> list[
             lines += [f"- {dt.datetime.fromtimestamp(e['ts']).isoformat(timespec='seconds')} "
                       f"`{e['kind']}` {e['fields']}" for e in evs]
             lines.append("")
+    for r in store.rollouts(limit=10):
+        png = write_rollout_timeline(store, r["id"], out / f"rollout__{_safe(r['id'])}.png")
+        written.append(png)
+        lines += [f"## rollout {r['id']}: {r['release_name']} {r['release_version']} to "
+                  f"{r['fleet']}, {r['state']}", "", r["reason"] or "", "",
+                  f"![rollout timeline]({png.name})", ""]
     summary = out / "README.md"
     summary.write_text("\n".join(lines))
     written.append(summary)
     return written
+
+
+def _release_of(d: DeviceRow) -> str:
+    return f"{d.model} {d.model_version or ''}".strip() if d.model else "-"
+
+
+def rollouts_table(store: Any, rows: Sequence[dict[str, Any]], *,
+                   now: float | None = None) -> Any:
+    """A ``rich.table.Table`` of rollouts: id, fleet, release, state, devices healthy of
+    targeted, wave, started, and the reason it ended."""
+    from rich.table import Table
+
+    now = time.time() if now is None else now
+    t = Table(title=f"toma-edge rollouts ({len(rows)})")
+    for col in ("rollout", "fleet", "release", "state", "healthy", "wave", "started",
+                "reason"):
+        t.add_column(col)
+    for r in rows:
+        devs = store.rollout_devices(r["id"])
+        ok = sum(1 for d in devs if d["state"] == "healthy")
+        t.add_row(r["id"], r["fleet"], f"{r['release_name']} {r['release_version']}",
+                  _rollout_state(r["state"]), f"{ok}/{len(devs)}", str(r["wave"]),
+                  format_age(now - float(r["created_at"])), (r["reason"] or "")[:120])
+    return t
+
+
+def _rollout_state(state: str) -> str:
+    color = {"succeeded": "green", "failed": "red", "aborted": "red", "aborting": "yellow",
+             "running": "cyan"}.get(state, "white")
+    return f"[{color}]{state}[/]"
+
+
+def rollout_devices_table(store: Any, row: dict[str, Any]) -> Any:
+    """A ``rich.table.Table`` of one rollout's devices: wave, state, reason (refusals with
+    their figures), the release the device runs now, whether its job was cleared."""
+    from rich.table import Table
+
+    live = {d.device_id: d for d in store.devices() if d.fleet == row["fleet"]}
+    t = Table(title=(f"rollout {row['id']}: {row['release_name']} {row['release_version']} "
+                     f"to {row['fleet']}: {row['state']}"),
+              caption=row["reason"] or None)
+    for col in ("device", "wave", "state", "running now", "reason"):
+        t.add_column(col)
+    for d in store.rollout_devices(row["id"]):
+        dev = live.get(d["device_id"])
+        t.add_row(d["device_id"], str(d["wave"]), d["state"],
+                  _release_of(dev) if dev else "-", (d["reason"] or "")[:160])
+    return t
+
+
+_COLORS = {"sent": "#bbbbbb", "received": "#9ecae1", "downloaded": "#6baed6",
+           "verified": "#4292c6", "live": "#fdae6b", "healthy": "#31a354",
+           "refused": "#756bb1", "failed": "#de2d26", "rolled_back": "#a50f15"}
+
+
+def write_rollout_timeline(store: Any, rollout_id: str, out: str | Path) -> Path:
+    """A PNG timeline of one rollout: a row per device (by wave), a bar per state from
+    the time the device reported it (``sent`` from the controller) to its next state.
+    TelemetryError for an unknown rollout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ...jsonio import loads
+
+    row = store.rollout(rollout_id)
+    if row is None:
+        raise TelemetryError(f"rollout {rollout_id!r} is not in the store")
+    t0 = float(row["created_at"])
+    devs = store.rollout_devices(rollout_id)
+    marks: dict[str, list[tuple[float, str]]] = {
+        d["device_id"]: ([(float(d["sent_at"]) - t0, "sent")] if d["sent_at"] else [])
+        for d in devs}
+    for ev in store.rollout_events(row["fleet"], since=t0 - 120):
+        dev = ev["device_id"]
+        if dev not in marks:
+            continue
+        try:
+            f = loads(ev["fields"], what="event fields")
+        except Exception:
+            continue
+        if isinstance(f, dict) and f.get("rollout_id") == rollout_id:
+            marks[dev].append((float(ev["received_at"]) - t0, ev["kind"].removeprefix(
+                "rollout.")))
+    end_t = max([float(row["finished_at"] or time.time()) - t0]
+                + [m[0] for ms in marks.values() for m in ms] + [1.0])
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.32 * max(1, len(devs))))
+    for i, d in enumerate(devs):
+        ms = sorted(marks[d["device_id"]])
+        for j, (t, state) in enumerate(ms):
+            t_next = ms[j + 1][0] if j + 1 < len(ms) else end_t
+            ax.barh(i, max(t_next - t, end_t * 0.004), left=t, height=0.7,
+                    color=_COLORS.get(state, "#888888"))
+    ax.set_yticks(range(len(devs)),
+                  [f"{d['device_id']} (w{d['wave']})" for d in devs], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the rollout started")
+    ax.set_title(f"rollout {rollout_id}: {row['release_name']} {row['release_version']} "
+                 f"to {row['fleet']} ({row['state']})")
+    ax.legend(handles=[Patch(color=c, label=s) for s, c in _COLORS.items()],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    path = Path(out)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
