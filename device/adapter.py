@@ -3,10 +3,14 @@
     from toma_edge.device.adapter import load_program
     prog = load_program("dist/rpi4/model.pte", threads=4)
     (y,) = prog.run([np.random.rand(8, 10).astype(np.float32)])
-    prog.adapter                                       # "native" (or "pybind")
+    out = np.empty((100, 1), np.float32)
+    prog.run_batches_into(np.random.rand(100, 10).astype(np.float32), out, 32)  # 4 calls
+    prog.adapter, prog.inputs[0].shape                 # "native" (or "pybind"), (max_batch, 10)
+    prog.close()
 
-Everything around it (Predictor, loaders, service, agent) speaks numpy arrays. Two
-adapters, chosen automatically, best first:
+Everything around it (Predictor, loaders, service, agent) speaks numpy arrays and sees a
+:class:`Program` (the protocol below: the only methods the rest of the package calls). Two
+adapters implement it, chosen automatically, best first:
 
 - ``native``: ``toma_edge_native``, our small C++ module over the runtime libraries of the
   executorch wheel (runtime, optimized kernels, XNNPACK, thread pool), which it carries.
@@ -42,7 +46,9 @@ from ..errors import BundleError, InputError
 __all__ = ["Program", "TensorInfo", "load_program", "available_adapters",
            "native_executorch_version", "release_native_programs"]
 
-_DTYPES = {"Float": np.float32, "Long": np.int64, "Int": np.int32, "Byte": np.uint8, "Char": np.int8}
+# ExecuTorch's ScalarType codes (c10 numbering), as the pybindings' TensorInfo.dtype() gives them
+_SCALAR_TYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16,
+                 6: np.float32, 7: np.float64, 11: np.bool_}
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,35 @@ class TensorInfo:
 
 
 class Program(Protocol):
-    """A loaded program: what the Predictor needs from any adapter."""
+    """A loaded program's ``forward`` method: everything the device calls on a runtime.
+
+    ``adapter``: ``"native"`` or ``"pybind"``; ``inputs``/``outputs``: the method's tensors
+    as planned (shape at ``max_batch``). A program may be shared by threads: calls run one
+    at a time (an ExecuTorch method is not reentrant). Runtime failures are InputError;
+    a closed program answers BundleError.
+    """
 
     adapter: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The outputs for these inputs (new arrays, one per output)."""
+        ...
+
+    def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
+        """Run a one-input, one-output method over C-contiguous ``x`` in consecutive
+        batches of ``size`` rows, each result into the matching rows of ``out``."""
+        ...
+
+    def close(self) -> None:
+        """Free the program now (idempotent); later calls raise BundleError."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        ...
 
 
 @contextlib.contextmanager
@@ -100,16 +128,15 @@ def _size_threadpool(threads: int | None, reset: Any) -> None:
         _threads_set = int(threads)
 
 
-def _parse_info(text: str) -> TensorInfo:
-    # pybindings print TensorInfo(sizes=[256, 10], dtype=Float, is_memory_planned=True, nbytes=10240)
-    import re
-
-    m = re.search(r"sizes=\[([0-9, ]*)\], dtype=(\w+).*nbytes=(\d+)", text)
-    if not m:
-        raise BundleError(f"cannot read tensor info from the program: {text}")
-    shape = tuple(int(s) for s in m.group(1).split(",") if s.strip())
-    dt = np.dtype(_DTYPES.get(m.group(2), np.float32)).name
-    return TensorInfo(shape=shape, dtype=dt, nbytes=int(m.group(3)))
+def _pybind_info(meta: Any) -> TensorInfo:
+    """A pybindings ``TensorInfo`` through its accessors (``sizes()``, ``dtype()``,
+    ``nbytes()``)."""
+    code = int(meta.dtype())
+    if code not in _SCALAR_TYPES:
+        raise BundleError(f"the program has a tensor of ExecuTorch scalar type {code}, "
+                          "which toma-edge does not run")
+    return TensorInfo(shape=tuple(int(v) for v in meta.sizes()),
+                      dtype=np.dtype(_SCALAR_TYPES[code]).name, nbytes=int(meta.nbytes()))
 
 
 class PybindProgram:
@@ -138,36 +165,40 @@ class PybindProgram:
             meta = self._module.method_meta("forward")
         except RuntimeError as e:
             raise BundleError(f"the program has no 'forward' method: {e}") from e
-        self.inputs = tuple(_parse_info(str(meta.input_tensor_meta(i))) for i in range(meta.num_inputs()))
-        self.outputs = tuple(_parse_info(str(meta.output_tensor_meta(i))) for i in range(meta.num_outputs()))
+        self.inputs = tuple(_pybind_info(meta.input_tensor_meta(i))
+                            for i in range(meta.num_inputs()))
+        self.outputs = tuple(_pybind_info(meta.output_tensor_meta(i))
+                             for i in range(meta.num_outputs()))
         self._torch = torch
         self._lock = threading.Lock()  # an ExecuTorch method is not reentrant
+
+    def close(self) -> None:
+        """Drop the module (idempotent); later calls raise BundleError."""
+        with self._lock:
+            self._module = None
+
+    @property
+    def closed(self) -> bool:
+        return self._module is None
+
+    def _forward(self) -> Any:
+        module = self._module
+        if module is None:
+            raise BundleError("the model was released; load the bundle again")
+        return module.forward
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         torch = self._torch
         ts = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         with self._lock:
+            fwd = self._forward()
             try:
-                outs = self._module.forward(ts, False)
+                outs = fwd(ts, False)
             except RuntimeError as e:
                 raise InputError(f"ExecuTorch method failed: {e}") from e
             # copy out: with clone_outputs=False the outputs alias the program's planned
             # memory, which the next call overwrites (one copy instead of two)
             return [o.numpy().copy() for o in outs]
-
-
-    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
-        """Run a one-input, one-output method on ``x`` and copy its result into ``out``.
-
-        The lean path of the Predictor's loop: no lists, no intermediate copy. ``x``
-        must be C-contiguous; ``out`` must have the output's shape for ``len(x)`` rows.
-        """
-        with self._lock:
-            try:
-                (o,) = self._module.forward((self._torch.from_numpy(x),), False)
-            except RuntimeError as e:
-                raise InputError(f"ExecuTorch method failed: {e}") from e
-            out[...] = o.numpy()  # copy before the next call reuses the planned memory
 
     def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
         """Run ``x`` in consecutive batches of ``size`` rows (one-input, one-output),
@@ -179,8 +210,8 @@ class PybindProgram:
         program's planned memory), copied once into ``out`` before the next call reuses
         it; at batch 32 this is ~10% of the per-batch time.
         """
-        fwd = self._module.forward
         with self._lock:
+            fwd = self._forward()
             try:
                 i = 0
                 for xb in self._torch.from_numpy(x).split(size):
@@ -267,10 +298,6 @@ class NativeProgram:
         except (self._error, ValueError, TypeError) as e:
             raise InputError(f"ExecuTorch method failed: {e}") from e
 
-    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
-        """Run a one-input, one-output method on ``x``, its result into ``out``."""
-        self.run_batches_into(x, out, max(1, len(x)))
-
     def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
         """Run ``x`` in consecutive batches of ``size`` rows (one-input, one-output),
         each result into the matching rows of ``out``; one call into C++, GIL released."""
@@ -327,7 +354,7 @@ def _forced_adapter() -> str | None:
 
 def load_program(
     source: str | Path | bytes, *, threads: int | None = None, adapter: str = "auto"
-) -> Any:
+) -> Program:
     """Load a .pte (path or bytes) with the best adapter available (or the one named)."""
     have = available_adapters()
     if adapter == "auto":

@@ -6,7 +6,7 @@
     pred.outputs.shape, pred.classes                          # (100000, 1), None (regression)
     p.batch_size, p.working_budget_bytes, p.baseline_bytes    # rows, bytes, bytes
 
-What a budget means (DESIGN.md): ``budget_bytes`` caps the peak RSS of the whole process.
+What a budget means (docs/architecture.md): ``budget_bytes`` caps the peak RSS of the whole process.
 At start the Predictor measures the process baseline (interpreter, libraries, the loaded
 program) and works within what is left, the *working budget*; a baseline already over the
 budget is a :class:`~toma_edge.errors.BudgetError` at once. Batches hold at most the
@@ -38,6 +38,7 @@ from ..budget import MemoryBudget, format_size
 from ..errors import BudgetError, InputError
 from ..manifest import Manifest
 from ..probes import peak_probe, rss_bytes
+from .adapter import Program
 from .bundle import LoadedBundle, load_bundle
 
 __all__ = ["Prediction", "Predictor"]
@@ -88,15 +89,13 @@ class Predictor:
         self.manifest: Manifest = self.bundle.manifest
         #: XNNPACK threads the program was loaded with
         self.threads = self.bundle.threads
-        self.program: Any = self.bundle.program
+        self.program: Program = self.bundle.program
         m = self.manifest
         if len(m.inputs) != 1 or len(m.outputs) != 1:
             raise InputError(f"{m.name}: the Predictor runs one-input, one-output models; "
                              f"this one has {len(m.inputs)} inputs and {len(m.outputs)} outputs")
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]
-        self._run_into = getattr(self.program, "run_into", None)
-        self._run_many = getattr(self.program, "run_batches_into", None)
 
         if budget is None:
             self.budget = MemoryBudget(m.target.memory_budget_bytes,
@@ -248,33 +247,22 @@ class Predictor:
             raise InputError(f"out must be a C-contiguous float32 array of shape {shape}, "
                              f"got {out.dtype} {out.shape}")
         i = batches = 0
-        run_into = self._run_into
-        run_many = self._run_many
+        run = self.program.run_batches_into
         probe = peak_probe()
         while i < n:
             size = self._policy.size
             j = min(n, i + size)
             now = time.perf_counter()
             if size in self._measured_sizes and now - self._last_measure < self.measure_interval_s:
-                if run_many is not None:  # up to 64 batches per call, then look at the clock
-                    j = min(n, i + 64 * size)
-                    run_many(x[i:j], out[i:j], size)
-                    batches += -(-(j - i) // size)
-                elif run_into is not None:
-                    run_into(x[i:j], out[i:j])
-                    batches += 1
-                else:
-                    out[i:j] = self.program.run([x[i:j]])[0]
-                    batches += 1
+                j = min(n, i + 64 * size)  # up to 64 batches per call, then look at the clock
+                run(x[i:j], out[i:j], size)
+                batches += -(-(j - i) // size)
                 i = j
                 continue
             # a measured batch: the peak of the whole process against the budget
             try:
                 with probe.measure() as meas:
-                    if run_into is not None:
-                        run_into(x[i:j], out[i:j])
-                    else:
-                        out[i:j] = self.program.run([x[i:j]])[0]
+                    run(x[i:j], out[i:j], size)
             except Exception as e:
                 if not is_oom_error(e):
                     raise

@@ -98,16 +98,33 @@ class _Hungry:
         self.adapter, self.inputs, self.outputs = program.adapter, program.inputs, program.outputs
         self.sizes: list[int] = []
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        self.sizes.append(len(arrays[0]))
+    def _scratch(self, rows: int) -> mmap.mmap:
+        self.sizes.append(rows)
         # mmap, not malloc: glibc would keep freed blocks resident and blur the readings
-        scratch = mmap.mmap(-1, len(arrays[0]) * self.per_row)
+        scratch = mmap.mmap(-1, rows * self.per_row)
         view = np.frombuffer(scratch, dtype=np.uint8)
         view[::4096] = 1  # touch every page
-        out = self.p.run(arrays)
         del view
+        return scratch
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        scratch = self._scratch(len(arrays[0]))
+        out = self.p.run(arrays)
         scratch.close()
         return list(out)
+
+    def run_batches_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
+        for i in range(0, len(x), size):
+            scratch = self._scratch(len(x[i:i + size]))
+            self.p.run_batches_into(x[i:i + size], out[i:i + size], size)
+            scratch.close()
+
+    def close(self) -> None:
+        self.p.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.p.closed)
 
 
 def test_adapts_when_the_measured_peak_exceeds_the_budget(loaded: LoadedBundle) -> None:
