@@ -180,7 +180,7 @@ def _cache_dir() -> Path:
 
 
 def _manifest_of_archive(path: Path) -> Any:
-    from ...bundle.manifest import parse_manifest
+    from ...bundle import parse_manifest
 
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -199,8 +199,7 @@ def prepare_bundle(bundle: str | Path) -> tuple[Path, Any]:
     into the user's cache, by content) and its manifest. BundleError when it is neither."""
     p = Path(bundle)
     if p.is_dir():
-        from ...bundle.archive import make_archive
-        from ...bundle.manifest import read_manifest
+        from ...bundle import make_archive, read_manifest
 
         manifest = read_manifest(p / "manifest.json")
         cache = _cache_dir()
@@ -476,8 +475,10 @@ class Controller:
                 continue
             state = str(ev["kind"]).removeprefix("rollout.")
             if state in _STATES:  # by seq: the last one wins
-                reason = f.get("reason") if isinstance(f.get("reason"), str) else ""
-                reported[dev] = (state, str(reason)[:300], f)
+                reason = str(f.get("reason") if isinstance(f.get("reason"), str) else "")
+                if state == "rolled_back" and dev in reported and reported[dev][0] == "failed":
+                    reason = f"{reported[dev][1]}; rolled back" if reported[dev][1] else reason
+                reported[dev] = (state, reason[:300], f)
         return devs, reported
 
     def _online(self) -> dict[str, bool]:
@@ -568,6 +569,8 @@ class Controller:
             if st == "pending":
                 self.store.update_rollout_device(self.rid, dev, state="skipped",
                                                  reason="rollout aborted before its wave")
+            elif st == "failed":  # it rolls back by itself (rollout.rolled_back follows)
+                waiting = waiting or (online.get(dev, True) and now <= float(self.job.deadline))
             elif st in TAKEN and d["rollback_sent_at"] is None:
                 self._send_rollback(dev)
                 self.store.update_rollout_device(self.rid, dev, rollback_sent_at=now,

@@ -112,6 +112,8 @@ def _drive(store: Any, settings: Any, rid: str) -> None:
               help="Health: most errors per request in the health window.")
 @click.option("--max-p99-ratio", type=float, default=3.0, show_default=True,
               help="Health: most p99 latency as a multiple of the previous model's.")
+@click.option("--chunk-bytes", type=click.IntRange(1024, 128 * 1024), default=128 * 1024,
+              show_default=True, help="Bytes per MQTT chunk of the bundle archive.")
 @click.option("--no-wait", is_flag=True,
               help="Record the rollout and print its id; run it with `fleet rollout ID "
                    "--resume`.")
@@ -121,7 +123,7 @@ def deploy(bundle: Path, url: str | None, password_file: Path | None, ca_file: P
            devices: str | None, canary: int, rate: str, health_window: str,
            abort_failed: str, abort_min: int, timeout: str, bundle_url: str | None,
            allow_contract_change: bool, max_error_rate: float, max_p99_ratio: float,
-           no_wait: bool) -> None:
+           chunk_bytes: int, no_wait: bool) -> None:
     """Deploy BUNDLE (a signed bundle folder or .tar.gz) to a fleet over MQTT in waves,
     gated by each device's fit check and health window, with automatic rollback."""
     from ..host.fleet.rollout import RolloutParams, parse_percent, start_rollout
@@ -133,7 +135,7 @@ def deploy(bundle: Path, url: str | None, password_file: Path | None, ca_file: P
         abort_failed=parse_percent(abort_failed), abort_min=abort_min,
         timeout_s=_duration_s(timeout, option="--timeout"), url=bundle_url,
         max_error_rate=max_error_rate, max_p99_ratio=max_p99_ratio,
-        allow_contract_change=allow_contract_change).check()
+        allow_contract_change=allow_contract_change, chunk_bytes=chunk_bytes).check()
     names = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
     store = open_db(db)
     try:

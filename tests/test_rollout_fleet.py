@@ -1,0 +1,456 @@
+"""Fleet rollouts end to end (issue 15): `toma-edge fleet deploy` as a process (user
+`deployer`) against a real mosquitto with the shipped ACL, a real `toma-edge fleet collect`
+process filling a SQLite store, and 10 real `toma-edge serve --mqtt` processes (dev-0 ...
+dev-9 of fleet "rf", each holding a trust key; dev-8 and dev-9 with a smaller --budget),
+with clients sending requests to three of them throughout.
+
+    python -m pytest -q tests/test_rollout_fleet.py
+
+The fleet is started once for the module and the scenarios run in order on it (each
+leaves every device healthy on some release): a good signed bundle reaches every device in
+waves with no failed request, including one offline at the start; a bundle too big for the
+small devices is refused there with the figures; an unsigned one is refused by the canary
+and nothing else receives it; a 20x slower one fails the canary's health window and is
+rolled back by the device itself; a device and the controller SIGKILLed mid-rollout both
+resume, nothing done twice, nothing half-installed. Plus the wave planning and the CLI's
+one-line errors, without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bundle_tools import with_version
+from mqtt_fixtures import Broker, start_collector, wait_until
+from test_rollout_device import slow_bundle  # noqa: F401  (a fixture: 20x slower, same contract)
+from test_service_http import ServiceProc
+
+from toma_edge.bundle import make_archive, sign_manifest
+from toma_edge.host.fleet.rollout import parse_percent, parse_rate, plan_waves
+from toma_edge.host.fleet.store import open_store
+
+FLEET = "rf"
+DEVICES = [f"dev-{i}" for i in range(10)]
+SMALL = ("dev-8", "dev-9")          # --budget 1GiB: the fat bundle does not fit them
+LOADED = ("dev-0", "dev-3", "dev-9")  # clients send requests to these all along
+BIG_BUDGET = "3GiB"
+WINDOW = "2s"
+
+
+# -- without processes -------------------------------------------------------------------------
+
+def test_waves_are_planned_from_canary_and_rate() -> None:
+    devs = [f"d{i}" for i in range(10)]
+    assert [len(w) for w in plan_waves(devs, 1, "exponential:2,2")] == [1, 2, 4, 3]
+    assert [len(w) for w in plan_waves(devs, 2, "constant:3")] == [2, 3, 3, 2]
+    assert [len(w) for w in plan_waves(devs, 0, "exponential:1,1.5")] == [1, 2, 3, 4]
+    assert sum(plan_waves(devs, 1, "constant:4"), []) == devs  # every device once, in order
+    assert plan_waves(devs, 20, "constant:1") == [devs]
+    assert parse_rate("constant:5") == ("constant", 5.0, 1.0)
+    assert parse_percent("10%") == pytest.approx(0.1) and parse_percent("1") == 1.0
+    for bad in ("constant:0", "linear:2", "exponential:2", "exponential:0,2", "constant:x"):
+        with pytest.raises(Exception, match="--rate"):
+            parse_rate(bad)
+    for bad in ("0%", "101%", "x", "-5%"):
+        with pytest.raises(Exception, match="--abort-failed"):
+            parse_percent(bad)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "toma_edge.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, example_bundle: Path) -> None:
+    db = tmp_path / "fleet.db"
+    open_store(db).close()
+    base = ["fleet", "deploy", str(example_bundle), "--mqtt", "mqtt://deployer@127.0.0.1:1",
+            "--fleet", FLEET, "--db", str(db)]
+    for extra, word in [
+        ([], "has no devices in the store"),
+        (["--rate", "fast"], "--rate"),
+        (["--abort-failed", "200%"], "--abort-failed"),
+        (["--health-window", "soon"], "--health-window"),
+        (["--devices", "a/b"], "device id"),
+        (["--url", "ftp://x/b.tar.gz"], "--url"),
+    ]:
+        r = _cli(*base, *extra)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert word in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
+    r = _cli("fleet", "deploy", str(tmp_path / "nope.tar.gz"), "--fleet", FLEET, "--db", str(db),
+             "--mqtt", "mqtt://deployer@127.0.0.1:1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("fleet", "rollout", "r-none", "--db", str(db))
+    assert r.returncode == 2 and "not in the store" in r.stderr, r.stderr
+
+
+# -- the fleet -------------------------------------------------------------------------------
+
+class Device:
+    """One `toma-edge serve --mqtt` process serving ``state/current`` (a symlink into
+    ``state/releases``, as the device side of rollouts keeps them)."""
+
+    def __init__(self, broker: Broker, tmp: Path, device_id: str, first: Path,
+                 extra: list[str]) -> None:
+        self.tmp = tmp / device_id
+        self.state = self.tmp / "state"
+        (self.state / "releases").mkdir(parents=True)
+        shutil.copytree(first, self.state / "releases" / "v1")
+        (self.state / "current").symlink_to("releases/v1")
+        self.broker, self.device_id, self.extra = broker, device_id, extra
+        self.proc: ServiceProc | None = None
+        self._starting: threading.Thread | None = None
+
+    def start(self) -> Device:
+        env = self.broker.env(self.device_id)
+        env["OMP_NUM_THREADS"] = "1"
+        self.proc = ServiceProc(self.tmp / "serve.log", env=env, args=[
+            str(self.state / "current"), "--mqtt", self.broker.url(self.device_id),
+            "--fleet", FLEET, "--device-id", self.device_id, "--telemetry-interval", "1",
+            "--spool", str(self.tmp / "spool.db"), "--threads", "1", *self.extra])
+        return self
+
+    def start_later(self, delay_s: float) -> None:
+        def run() -> None:
+            time.sleep(delay_s)
+            self.start()
+
+        self._starting = threading.Thread(target=run, daemon=True)
+        self._starting.start()
+
+    def join(self) -> None:
+        if self._starting is not None:
+            self._starting.join(120)
+            self._starting = None
+
+    def serving(self) -> str:
+        assert self.proc is not None
+        return str(self.proc.health()["model"]["version"])
+
+    def releases(self) -> list[str]:
+        return sorted(p.name for p in (self.state / "releases").iterdir())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.join()
+        if self.proc is not None:
+            self.proc.stop(sig)
+            self.proc = None
+
+
+class Load:
+    """HTTP requests to some devices all along; every answer that is not 200 is kept."""
+
+    def __init__(self, devs: list[Device]) -> None:
+        self.devs = devs
+        self.ok = 0
+        self.failed: list[Any] = []
+        self._stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for d in self.devs:
+                if d.proc is None:
+                    continue
+                try:
+                    s, body = d.proc.predict([[0.1] * 10] * 4)
+                except OSError as e:
+                    self.failed.append((d.device_id, repr(e)))
+                    continue
+                if s == 200:
+                    self.ok += 1
+                else:
+                    self.failed.append((d.device_id, s, body))
+            time.sleep(0.02)
+
+    def take(self) -> tuple[int, list[Any]]:
+        """Requests answered and failed since the last take."""
+        ok, failed = self.ok, list(self.failed)
+        self.ok = 0
+        del self.failed[: len(failed)]
+        return ok, failed
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.t.join(30)
+
+
+class Fleet:
+    def __init__(self, broker: Broker, tmp: Path, devices: dict[str, Device], db: Path,
+                 collector: subprocess.Popen[bytes], key: Path, load: Load) -> None:
+        self.broker, self.tmp, self.devices, self.db = broker, tmp, devices, db
+        self.collector, self.key, self.load = collector, key, load
+        self.n = 0
+
+    def bundle(self, src: Path, version: str, *, sign: bool = True, **manifest: Any) -> Path:
+        d = with_version(src, self.tmp / f"b-{version}", version)
+        if manifest:
+            p = d / "manifest.json"
+            m = json.loads(p.read_text())
+            m.update(manifest)
+            p.write_text(json.dumps(m, indent=2) + "\n")
+        if sign:
+            sign_manifest(d, self.key)
+        return make_archive(d, self.tmp / f"b-{version}.tar.gz")
+
+    def deploy_args(self, bundle: Path, *extra: str) -> list[str]:
+        return ["fleet", "deploy", str(bundle), "--mqtt", self.broker.url("deployer"),
+                "--fleet", FLEET, "--db", str(self.db), "--devices", ",".join(DEVICES),
+                "--health-window", WINDOW, "--timeout", "5m", *extra]
+
+    def deploy(self, bundle: Path, *extra: str, timeout: float = 180
+               ) -> subprocess.CompletedProcess[str]:
+        return _cli(*self.deploy_args(bundle, *extra), env=self.broker.env("deployer"),
+                    timeout=timeout)
+
+    def store(self) -> Any:
+        return open_store(self.db)
+
+    def events(self, rid: str) -> dict[str, list[str]]:
+        """Each device's rollout.* event kinds of rollout ``rid``, in order."""
+        out: dict[str, list[str]] = {d: [] for d in DEVICES}
+        with self.store() as s:
+            for e in s.rollout_events(FLEET):
+                if json.loads(e["fields"]).get("rollout_id") == rid:
+                    out[e["device_id"]].append(e["kind"].removeprefix("rollout."))
+        return out
+
+    def states(self, rid: str) -> dict[str, str]:
+        with self.store() as s:
+            return {d["device_id"]: d["state"] for d in s.rollout_devices(rid)}
+
+    def serving(self) -> dict[str, str]:
+        return {k: d.serving() for k, d in self.devices.items()}
+
+    def check_clean(self) -> None:
+        """Nothing half-installed: each release folder is whole, no download left over."""
+        for d in self.devices.values():
+            for rel in (d.state / "releases").iterdir():
+                assert (rel / "manifest.json").is_file() and (rel / "model.pte").is_file(), rel
+            assert not list(d.state.glob("releases/*.tmp*")), d.device_id
+
+
+@pytest.fixture(scope="module")
+def fleet(mqtt_broker: Broker, example_bundle: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    tmp = tmp_path_factory.mktemp("rollout-fleet")
+    key = Ed25519PrivateKey.generate()
+    priv, pub = tmp / "k.pem", tmp / "k.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    v1 = with_version(example_bundle, tmp / "v1", "v1")
+    sign_manifest(v1, priv)
+    db = tmp / "fleet.db"
+    collector = start_collector(mqtt_broker, db=db, client_id="rollout-collector",
+                                log=tmp / "collector.log", user="collector-3")
+    devices: dict[str, Device] = {}
+    load: Load | None = None
+    try:
+        for dev in DEVICES:
+            budget = "1GiB" if dev in SMALL else BIG_BUDGET
+            devices[dev] = Device(mqtt_broker, tmp, dev, v1,
+                                  ["--trust-key", str(pub), "--budget", budget]).start()
+        with open_store(db) as s:
+            wait_until(lambda: set(s.fleet_device_ids(FLEET)) >= set(DEVICES), 30,
+                       "every device in the store")
+        load = Load([devices[d] for d in LOADED])
+        yield Fleet(mqtt_broker, tmp, devices, db, collector, priv, load)
+    finally:
+        if load is not None:
+            load.stop()
+        for d in devices.values():
+            d.stop(signal.SIGKILL)
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(30)
+
+
+def _waves(f: Fleet, rid: str) -> dict[str, tuple[int, float, float]]:
+    """Per device of rollout ``rid``: (wave, sent_at, received_at of its healthy event)."""
+    with f.store() as s:
+        healthy = {e["device_id"]: float(e["received_at"]) for e in s.rollout_events(FLEET)
+                   if e["kind"] == "rollout.healthy"
+                   and json.loads(e["fields"]).get("rollout_id") == rid}
+        return {d["device_id"]: (int(d["wave"]), float(d["sent_at"]), healthy[d["device_id"]])
+                for d in s.rollout_devices(rid)}
+
+
+def test_good_bundle_reaches_every_device_in_waves(fleet: Fleet, tmp_path: Path) -> None:
+    f = fleet
+    late = f.devices["dev-6"]
+    late.stop()  # offline at the start (its status says so); back during the rollout
+    with f.store() as s:
+        wait_until(lambda: not next(r for r in s.devices() if r.device_id == "dev-6"
+                                    and r.fleet == FLEET).online, 15, "dev-6 offline")
+    bundle = f.bundle(f.tmp / "v1", "v2")
+    f.load.take()
+    late.start_later(8.0)
+    t0 = time.monotonic()
+    r = f.deploy(bundle, "--canary", "1", "--rate", "exponential:2,2")
+    took = time.monotonic() - t0
+    late.join()
+    ok, failed = f.load.take()
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    rid = r.stdout.splitlines()[0]
+    assert "succeeded" in r.stdout and "10 of 10 devices healthy" in r.stdout, r.stdout
+    assert failed == [] and ok > 50, (ok, failed[:3])
+    assert set(f.serving().values()) == {"v2"}, f.serving()
+    assert set(f.states(rid).values()) == {"healthy"}
+    waves = _waves(f, rid)
+    assert sorted({w for w, _s, _h in waves.values()}) == [0, 1, 2, 3]
+    for dev, (w, sent, _h) in waves.items():  # a wave went only when the earlier were healthy
+        earlier = [h for d, (w2, _s, h) in waves.items() if w2 < w and d != "dev-6"]
+        assert not earlier or sent >= max(earlier) - 0.5, (dev, w, sent, earlier)
+    assert all(kinds.count("received") == 1 for kinds in f.events(rid).values())
+    f.check_clean()
+    # the retained jobs are gone: a device that subscribes now finds nothing
+    from toma_edge.telemetry import make_client
+
+    got: list[str] = []
+    c = make_client(f.broker.settings("collector"), client_id="collector")
+    c.on_message = lambda cl, ud, m: got.append(m.topic) if m.payload else None
+    c.connect("127.0.0.1", f.broker.port)
+    c.subscribe(f"toma-edge/v1/{FLEET}/+/jobs/#", qos=1)
+    c.loop_start()
+    time.sleep(1.0)
+    c.loop_stop()
+    c.disconnect()
+    assert got == [], got[:5]
+    # status, rollouts, the rollout and its timeline
+    st = _cli("fleet", "status", "--db", str(f.db))
+    assert st.returncode == 0 and st.stdout.count("v2") >= 10, st.stdout
+    rs = _cli("fleet", "rollouts", "--db", str(f.db))
+    assert rid in rs.stdout and "succeeded" in rs.stdout and "10/10" in rs.stdout, rs.stdout
+    one = _cli("fleet", "rollout", rid, "--db", str(f.db))
+    assert one.returncode == 0 and one.stdout.count("healthy") >= 10, one.stdout
+    rep = _cli("fleet", "report", "--db", str(f.db), "--out", str(tmp_path / "rep"))
+    assert rep.returncode == 0, rep.stderr
+    png = tmp_path / "rep" / f"rollout__{rid}.png"
+    assert png.stat().st_size > 5000 and rid in (tmp_path / "rep" / "README.md").read_text()
+    print(f"\nrollout {rid}: 10 devices in 4 waves (window {WINDOW}), {took:.1f} s "
+          f"deploy->all healthy, {ok} requests during it, 0 failed")
+
+
+def test_misfit_is_refused_on_small_devices_with_the_figures(fleet: Fleet) -> None:
+    f = fleet
+    m = json.loads((f.tmp / "v1" / "manifest.json").read_text())
+    mem = dict(m["memory"], measured_peak_bytes={
+        k: 1 << 30 for k in m["memory"]["measured_peak_bytes"]})
+    fat = f.bundle(f.tmp / "v1", "fat", memory=mem)
+    f.load.take()
+    r = f.deploy(fat, "--canary", "1", "--rate", "constant:5", "--abort-min", "3")
+    ok, failed = f.load.take()
+    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: rollout") and "failed" in line, line
+    assert "8 of 10 devices healthy" in line and "dev-8 refused" in line, line
+    assert "does not fit" in line and "budget 1073.7 MB" in line, line
+    rid = r.stdout.splitlines()[0]
+    states = f.states(rid)
+    assert {d: states[d] for d in SMALL} == {"dev-8": "refused", "dev-9": "refused"}
+    serving = f.serving()
+    assert serving["dev-8"] == serving["dev-9"] == "v2"
+    assert all(serving[d] == "fat" for d in DEVICES if d not in SMALL), serving
+    with f.store() as s:
+        d8 = next(d for d in s.rollout_devices(rid) if d["device_id"] == "dev-8")
+        fig = json.loads(d8["detail"])
+        assert fig["peak_bytes"] == 1 << 30 and fig["budget_bytes"] == 1 << 30
+        assert fig["need_bytes"] == fig["peak_bytes"] + fig["baseline_bytes"]
+    assert failed == [], failed[:3]
+    f.check_clean()
+
+
+def test_unsigned_bundle_is_refused_by_the_canary_and_goes_nowhere(fleet: Fleet) -> None:
+    f = fleet
+    before = f.serving()
+    r = f.deploy(f.bundle(f.tmp / "v1", "unsigned", sign=False), "--canary", "1")
+    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
+    line = r.stderr.strip().splitlines()[-1]
+    assert "aborted" in line and "unsigned" in line, line
+    rid = r.stdout.splitlines()[0]
+    ev = f.events(rid)
+    assert ev["dev-0"][0] == "received" and ev["dev-0"][-1] == "refused", ev["dev-0"]
+    assert all(ev[d] == [] for d in DEVICES[1:]), ev
+    assert set(f.states(rid)[d] for d in DEVICES[1:]) == {"skipped"}
+    assert f.serving() == before
+
+
+def test_slow_bundle_fails_the_canary_window_and_rolls_back(
+        fleet: Fleet, slow_bundle: Path) -> None:  # noqa: F811
+    f = fleet
+    before = f.serving()
+    d = with_version(slow_bundle, f.tmp / "slow", "slow")
+    sign_manifest(d, f.key)
+    archive = make_archive(d, f.tmp / "slow.tar.gz")
+    f.load.take()
+    r = f.deploy(archive, "--canary", "1", "--health-window", "6s", "--max-p99-ratio", "3")
+    ok, failed = f.load.take()
+    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
+    line = r.stderr.strip().splitlines()[-1]
+    assert "aborted" in line and "dev-0" in line and "p99" in line, line
+    rid = r.stdout.splitlines()[0]
+    ev = f.events(rid)
+    assert ev["dev-0"][-3:] == ["live", "failed", "rolled_back"], ev["dev-0"]
+    assert all(ev[x] == [] for x in DEVICES[1:]), ev
+    assert f.serving() == before
+    assert failed == [], failed[:3]
+
+
+def test_device_and_controller_sigkilled_mid_rollout_both_resume(fleet: Fleet) -> None:
+    f = fleet
+    bundle = f.bundle(f.tmp / "v1", "v5")
+    env = f.broker.env("deployer")
+    log = f.tmp / "deploy-v5.log"
+    with open(log, "w") as out:
+        ctl = subprocess.Popen([sys.executable, "-m", "toma_edge.cli",
+                                *f.deploy_args(bundle, "--canary", "2", "--rate", "constant:4",
+                                               "--chunk-bytes", "4096")],
+                               env=env, stdout=subprocess.PIPE, stderr=out, text=True)
+    assert ctl.stdout is not None
+    rid = ctl.stdout.readline().strip()
+    # a device of wave 1 is SIGKILLed as soon as it took the job, the controller right after
+    victim = f.devices["dev-3"]
+    with f.store() as s:
+        wait_until(lambda: any(d["device_id"] == "dev-3" and d["state"] != "pending"
+                               and d["state"] != "sent" for d in s.rollout_devices(rid))
+                   or ctl.poll() is not None, 90, "dev-3 to take its job")
+    victim.stop(signal.SIGKILL)
+    ctl.send_signal(signal.SIGKILL)
+    ctl.wait(10)
+    with f.store() as s:
+        sent_before = {d["device_id"]: d["sent_at"] for d in s.rollout_devices(rid)}
+        assert s.rollout(rid)["state"] == "running"
+    victim.start()
+    r = _cli("fleet", "rollout", rid, "--resume", "--db", str(f.db), "--mqtt",
+             f.broker.url("deployer"), env=env, timeout=180)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:], log.read_text()[-2000:])
+    assert "10 of 10 devices healthy" in r.stdout, r.stdout
+    assert set(f.serving().values()) == {"v5"}
+    with f.store() as s:
+        after = {d["device_id"]: d["sent_at"] for d in s.rollout_devices(rid)}
+    # nothing sent twice: a device sent before the kill kept its send time
+    assert all(after[d] == t for d, t in sent_before.items() if t is not None)
+    ev = f.events(rid)
+    assert all(k.count("received") == 1 and k.count("healthy") == 1 for k in ev.values()), ev
+    f.check_clean()
+    # a rollout that ended cannot be aborted; one line, exit 2
+    a = _cli("fleet", "rollout", rid, "--abort", "--db", str(f.db), "--mqtt",
+             f.broker.url("deployer"), env=env)
+    assert a.returncode == 2 and "already ended" in a.stderr, a.stderr
