@@ -5,23 +5,28 @@
                 candidates=result.candidates, shipped=result.shipped)
     # bundle_dir/predictions.png (regression) or confusion.png (classification),
     # bundle_dir/candidates.png (validation metric against .pte size)
+    plot_memory_log("mem.jsonl", "mem.png", budget_bytes=B)   # a MemoryMonitor log
 
 Matplotlib with the Agg backend (no display needed). Build calls this before it writes
 the manifest, so the PNGs are listed in ``files`` with their sha256 like every other file.
+Every plot of the package lives here, in the host: the core and the device carry no
+matplotlib.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from .compress import Candidate
 
-__all__ = ["plot_predictions", "plot_confusion", "plot_candidates", "write_plots"]
+__all__ = ["plot_predictions", "plot_confusion", "plot_candidates", "write_plots",
+           "plot_memory_log"]
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -123,3 +128,61 @@ def write_plots(out_dir: str | Path, *, task: str, y_true: np.ndarray, y_pred: n
     if candidates:
         paths.append(plot_candidates(out / "candidates.png", candidates, shipped=shipped))
     return paths
+
+
+def plot_memory_log(
+    jsonl_path: str | os.PathLike[str],
+    png_path: str | os.PathLike[str],
+    budget_bytes: int | None = None,
+    *,
+    title: str = "memory over time",
+) -> Path:
+    """Draw RSS (MiB) over time (s) from a :class:`toma_edge.probes.MemoryMonitor` log,
+    with the budget (bytes; default: the one in the log's header). Phases from ``mark()``
+    are shaded and named. Returns the PNG path."""
+    from ..probes import read_memory_log
+
+    plt = _pyplot()
+    header, rows = read_memory_log(jsonl_path)
+    if budget_bytes is None:
+        budget_bytes = header.get("budget_bytes")
+    mib = float(1 << 20)
+    t = [r["t_s"] for r in rows]
+    rss = [r["rss_bytes"] / mib for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    ax.plot(t, rss, lw=1.2, label="RSS")
+    if budget_bytes:
+        ax.axhline(budget_bytes / mib, color="tab:red", ls="--", lw=1,
+                   label=f"budget {budget_bytes / mib:.0f} MiB")
+    _shade_phases(ax, t, rows, low=min(rss) if rss else 0.0)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _shade_phases(ax: Any, t: list[float], rows: list[dict[str, Any]], *, low: float) -> None:
+    """Shade labelled phases, alternating so short neighbours stay apart; names run upwards
+    from the bottom of each phase so they never overlap."""
+    start = 0
+    phase = 0
+    span = (t[-1] - t[0]) if len(t) > 1 else 1.0
+    next_x = float("-inf")  # phases that begin together get their names side by side
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i].get("label", "") != rows[start].get("label", ""):
+            label = rows[start].get("label", "")
+            if label and t:
+                ax.axvspan(t[start], t[i - 1], alpha=0.10 if phase % 2 else 0.22,
+                           color="tab:gray", lw=0)
+                x = max(t[start], next_x)
+                ax.text(x, low, " " + label, fontsize=7, rotation=90, va="bottom", ha="left")
+                next_x = x + 0.025 * span
+                phase += 1
+            start = i

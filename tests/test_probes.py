@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from toma_edge.host.plots import plot_memory_log
 from toma_edge.probes import (
     MemoryMonitor,
     MemorySample,
     PeakProbe,
     measure_peak,
     peak_probe,
-    plot_memory_log,
     rss_bytes,
 )
 

@@ -4,6 +4,9 @@
     outs = map_batches(lambda xb: model(xb), X, budget_bytes=64 << 20, start_size=64)
     y = torch.cat(outs)                       # every row once, in order
     # later calls from this line with inputs of the same shape start at the size found
+    opts = AdaptOptions(budget_bytes=64 << 20, start_size=256, on_event=print)
+    map_range(lambda a, b: model(X[a:b]), len(X), opts)          # one options value...
+    map_chunks(score, rows_stream(), opts, key="scoring")         # ...fields overridden by name
 
 For work whose result does not depend on the batch size (inference, evaluation,
 calibration, micro-batches under gradient accumulation). On an out-of-memory error
@@ -12,7 +15,10 @@ failed batch is run again smaller, a finished one never again. Sizes are predict
 from the measured peak rise at two batch sizes (memory is close to affine in the batch
 size, :class:`AffineMemoryModel`) rather than halved blindly, and grow back after
 ``grow_after`` successes in a row. The size found is cached per call site and input
-signature. Every change is reported as an :class:`AdaptEvent` to ``on_event``.
+signature. Every change is reported as an :class:`AdaptEvent` to ``on_event``. The
+options (budget, sizes, growth, cache) are one :class:`AdaptOptions` value shared by
+:func:`map_range`, :func:`map_batches`, :func:`map_chunks` and :func:`adaptive_batch_size`;
+each also takes any of its fields as a keyword (``start_size=256``) that overrides it.
 
 ``budget_bytes`` bounds the peak rise of one batch above the memory held when it starts
 (RSS on CPU, allocated bytes on CUDA), measured by :mod:`toma_edge.probes`.
@@ -25,7 +31,7 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from .budget import format_size
@@ -38,6 +44,7 @@ __all__ = [
     "AdaptCallback",
     "AffineMemoryModel",
     "BatchSizePolicy",
+    "AdaptOptions",
     "map_batches",
     "map_range",
     "map_chunks",
@@ -404,41 +411,68 @@ def _run_one(policy: BatchSizePolicy, call: Callable[[], R]) -> tuple[bool, R | 
     return True, result, rise
 
 
-def _policy(kw: dict[str, Any], site: str, signature: Any, n: int | None) -> BatchSizePolicy:
-    start = kw.pop("start_size")
-    max_size = kw.pop("max_size")
-    if n is not None:
-        max_size = n if max_size is None else min(max_size, n)
-        start = min(start, max(1, n))
-    return BatchSizePolicy(start_size=start, max_size=max_size, site=site,
-                           signature=signature, **kw)
+@dataclass(frozen=True)
+class AdaptOptions:
+    """How the ``map_*`` helpers and :func:`adaptive_batch_size` size their batches.
+
+    ``budget_bytes``: the peak rise one batch may cause (None: only out-of-memory errors
+    shrink). ``start_size``, ``max_size``, ``min_size``: batch sizes in items (``max_size``
+    None: no bound but the input's length). ``grow_after``: successes in a row before the
+    size grows. ``headroom``: the fraction of the budget a predicted size aims at. ``key``:
+    the call site for the size cache (default: the caller's file and line plus ``fn``'s
+    name); ``signature``: the input's signature in that cache (map_batches: the data's
+    shape past the first dimension and dtype). ``on_event``: every size change.
+    ``use_cache``: start from, and store, the size found per site and signature.
+    """
+
+    budget_bytes: int | None = None
+    start_size: int = 64
+    max_size: int | None = None
+    min_size: int = 1
+    grow_after: int = 4
+    headroom: float = 0.95
+    key: str | None = None
+    signature: Any = None
+    on_event: AdaptCallback | None = None
+    use_cache: bool = True
+
+    def with_(self, **overrides: Any) -> AdaptOptions:
+        """These options with some fields replaced; TypeError naming an unknown one."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown adaptive option(s): {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(f.name for f in fields(self))}")
+        return replace(self, **overrides) if overrides else self
+
+    def policy(self, site: str, n: int | None = None) -> BatchSizePolicy:
+        """A fresh :class:`BatchSizePolicy` for ``n`` items (None: a stream) at ``site``."""
+        start, max_size = self.start_size, self.max_size
+        if n is not None:
+            max_size = n if max_size is None else min(max_size, n)
+            start = min(start, max(1, n))
+        return BatchSizePolicy(start_size=start, max_size=max_size, min_size=self.min_size,
+                               budget_bytes=self.budget_bytes, grow_after=self.grow_after,
+                               headroom=self.headroom, site=site, signature=self.signature,
+                               on_event=self.on_event, use_cache=self.use_cache)
+
+
+def _options(options: AdaptOptions | None, overrides: dict[str, Any]) -> AdaptOptions:
+    return (options or AdaptOptions()).with_(**overrides)
 
 
 def map_range(
     fn: Callable[[int, int], R],
     n: int,
-    *,
-    budget_bytes: int | None = None,
-    start_size: int = 64,
-    max_size: int | None = None,
-    min_size: int = 1,
-    grow_after: int = 4,
-    headroom: float = 0.95,
-    key: str | None = None,
-    signature: Any = None,
-    on_event: AdaptCallback | None = None,
-    use_cache: bool = True,
+    options: AdaptOptions | None = None,
+    **overrides: Any,
 ) -> list[R]:
     """Call ``fn(start, stop)`` over ``range(n)`` in adaptive batches; results in order.
 
-    Each index is in exactly one finished call. ``key`` names the call site for the
-    size cache (default: the caller's file and line plus ``fn``'s name).
+    Each index is in exactly one finished call. ``options`` (and ``overrides``, any of its
+    fields by name): see :class:`AdaptOptions`.
     """
-    site = _site_of(fn, key)
-    policy = _policy(dict(budget_bytes=budget_bytes, start_size=start_size,
-                          max_size=max_size, min_size=min_size, grow_after=grow_after,
-                          headroom=headroom, on_event=on_event, use_cache=use_cache),
-                     site, signature, n)
+    opts = _options(options, overrides)
+    policy = opts.policy(_site_of(fn, opts.key), n)
     out: list[R] = []
     i = 0
     while i < n:
@@ -457,53 +491,38 @@ def map_range(
 def map_batches(
     fn: Callable[[Any], R],
     data: Any,
-    *,
-    budget_bytes: int | None = None,
-    start_size: int = 64,
-    max_size: int | None = None,
-    min_size: int = 1,
-    grow_after: int = 4,
-    headroom: float = 0.95,
-    key: str | None = None,
-    on_event: AdaptCallback | None = None,
-    use_cache: bool = True,
+    options: AdaptOptions | None = None,
+    **overrides: Any,
 ) -> list[R]:
     """Call ``fn(data[i:j])`` over a sliceable ``data`` (tensor, array, list) in order.
 
-    The cache signature is the shape past the first dimension and the dtype.
+    The cache signature is the shape past the first dimension and the dtype (unless the
+    options name one). ``options``/``overrides``: see :class:`AdaptOptions`.
     """
-    site = _site_of(fn, key)
-    return map_range(lambda a, b: fn(data[a:b]), len(data), budget_bytes=budget_bytes,
-                     start_size=start_size, max_size=max_size, min_size=min_size,
-                     grow_after=grow_after, headroom=headroom, key=site,
-                     signature=_signature(data), on_event=on_event, use_cache=use_cache)
+    opts = _options(options, overrides)
+    opts = opts.with_(key=_site_of(fn, opts.key),
+                      signature=_signature(data) if opts.signature is None else opts.signature)
+    return map_range(lambda a, b: fn(data[a:b]), len(data), opts)
 
 
 def map_chunks(
     fn: Callable[[list[T]], R],
     items: Iterable[T],
-    *,
-    budget_bytes: int | None = None,
-    start_size: int = 64,
-    max_size: int | None = None,
-    min_size: int = 1,
-    grow_after: int = 4,
-    headroom: float = 0.95,
-    key: str | None = None,
-    signature: Any = None,
-    on_event: AdaptCallback | None = None,
-    use_cache: bool = True,
+    options: AdaptOptions | None = None,
+    **overrides: Any,
 ) -> Iterator[R]:
     """Call ``fn(list_of_items)`` over any iterable (a stream) in adaptive chunks.
 
     A generator: it pulls only what the next chunk needs. Items of a failed chunk stay
     at the front of the buffer and go into the next, smaller chunks.
+    ``options``/``overrides``: see :class:`AdaptOptions` (checked at the call).
     """
-    site = _site_of(fn, key)
-    policy = _policy(dict(budget_bytes=budget_bytes, start_size=start_size,
-                          max_size=max_size, min_size=min_size, grow_after=grow_after,
-                          headroom=headroom, on_event=on_event, use_cache=use_cache),
-                     site, signature, None)
+    opts = _options(options, overrides)
+    return _chunks(fn, items, opts.policy(_site_of(fn, opts.key)))
+
+
+def _chunks(fn: Callable[[list[T]], R], items: Iterable[T],
+            policy: BatchSizePolicy) -> Iterator[R]:
     it = iter(items)
     buf: list[T] = []
     exhausted = False
@@ -527,14 +546,8 @@ def map_chunks(
 
 
 def adaptive_batch_size(
-    *,
-    start_size: int,
-    budget_bytes: int | None = None,
-    max_size: int | None = None,
-    min_size: int = 1,
-    headroom: float = 0.95,
-    key: str | None = None,
-    on_event: AdaptCallback | None = None,
+    options: AdaptOptions | None = None,
+    **overrides: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorator: ``fn(batch_size, *args, **kwargs)`` is retried smaller on OOM.
 
@@ -545,19 +558,18 @@ def adaptive_batch_size(
     Use it when ``fn`` runs all its batches itself and can simply start over. A call
     whose measured rise was above the budget keeps its result; the next call starts
     smaller. The cache key is ``fn``'s qualified name plus the signature of the first
-    positional argument that has a shape.
+    positional argument that has a shape. ``options``/``overrides``: see
+    :class:`AdaptOptions` (``grow_after`` does not apply: a call never grows).
     """
+    opts = _options(options, overrides).with_(grow_after=1 << 30)
 
     def deco(fn: Callable[..., R]) -> Callable[..., R]:
-        site = key or f"{fn.__module__}.{fn.__qualname__}"
+        site = opts.key or f"{fn.__module__}.{fn.__qualname__}"
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> R:
             sig = next((_signature(a) for a in args if hasattr(a, "shape")), None)
-            policy = BatchSizePolicy(start_size=start_size, max_size=max_size,
-                                     min_size=min_size, budget_bytes=budget_bytes,
-                                     headroom=headroom, site=site, signature=sig,
-                                     on_event=on_event, grow_after=1 << 30)
+            policy = opts.with_(signature=sig).policy(site)
             while True:
                 size = policy.size
                 ok, r, rise = _run_one(policy, lambda s=size: fn(s, *args, **kwargs))  # type: ignore[misc]

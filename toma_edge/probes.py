@@ -19,7 +19,9 @@ read lower than what the step allocated; call :func:`enable_exact_peaks` first (
 set ``MALLOC_MMAP_THRESHOLD_=65536``) when a high-water mark must be exact.
 
 :class:`MemoryMonitor` samples RSS in a thread for progress displays, telemetry and the
-``--memory-log`` JSONL file; :func:`plot_memory_log` draws such a file against a budget.
+``--memory-log`` JSONL file; :func:`read_memory_log` reads such a file back (and
+``toma_edge.host.plots.plot_memory_log`` draws it against a budget: the core carries no
+matplotlib).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = [
     "process_start_time",
     "rss_bytes",
     "enable_exact_peaks",
-    "plot_memory_log",
+    "read_memory_log",
 ]
 
 Method = Literal["auto", "vmhwm", "sampling"]
@@ -404,7 +406,7 @@ class MemoryMonitor:
         with MemoryMonitor(interval_s=0.05, log_path="mem.jsonl", budget_bytes=B) as mon:
             mon.mark("train")
             train()
-        plot_memory_log("mem.jsonl", "mem.png", budget_bytes=B)
+        header, rows = read_memory_log("mem.jsonl")   # plot: toma_edge.host.plots
 
     The log's first line is a header ``{"budget_bytes": B, "interval_s": ..., "pid": ...}``;
     each further line is a :class:`MemorySample`. ``mark(label)`` starts a phase: later
@@ -495,76 +497,22 @@ class MemoryMonitor:
         self.stop()
 
 
-def _read_log(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_memory_log(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A :class:`MemoryMonitor` log: its header and its samples (dicts of
+    :meth:`MemorySample.to_json`, ``t_s`` seconds, ``rss_bytes`` bytes), in order.
+    InputError naming the line for a line that is not JSON."""
+    from .jsonio import loads
+
     header: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    with open(path) as f:
-        for line in f:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            d = json.loads(line)
+            d = loads(line, what=f"{path}:{n}")
             if "rss_bytes" in d:
                 rows.append(d)
             else:
                 header.update(d)
     return header, rows
-
-
-def plot_memory_log(
-    jsonl_path: str | os.PathLike[str],
-    png_path: str | os.PathLike[str],
-    budget_bytes: int | None = None,
-    *,
-    title: str = "memory over time",
-) -> Path:
-    """Draw RSS (MiB) over time (s) from a :class:`MemoryMonitor` log, with the budget.
-
-    ``budget_bytes`` defaults to the one in the log's header. Phases from ``mark()`` are
-    shaded and named. Returns the PNG path.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    header, rows = _read_log(Path(jsonl_path))
-    if budget_bytes is None:
-        budget_bytes = header.get("budget_bytes")
-    mib = float(1 << 20)
-    t = [r["t_s"] for r in rows]
-    rss = [r["rss_bytes"] / mib for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    ax.plot(t, rss, lw=1.2, label="RSS")
-    if budget_bytes:
-        ax.axhline(budget_bytes / mib, color="tab:red", ls="--", lw=1,
-                   label=f"budget {budget_bytes / mib:.0f} MiB")
-    # shade labelled phases, alternating so short neighbours stay apart; names run
-    # upwards from the bottom of each phase so they never overlap
-    start = 0
-    phase = 0
-    low = min(rss) if rss else 0.0
-    span = (t[-1] - t[0]) if len(t) > 1 else 1.0
-    next_x = float("-inf")  # phases that begin together get their names side by side
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i].get("label", "") != rows[start].get("label", ""):
-            label = rows[start].get("label", "")
-            if label and t:
-                ax.axvspan(t[start], t[i - 1], alpha=0.10 if phase % 2 else 0.22,
-                           color="tab:gray", lw=0)
-                x = max(t[start], next_x)
-                ax.text(x, low, " " + label, fontsize=7, rotation=90, va="bottom", ha="left")
-                next_x = x + 0.025 * span
-                phase += 1
-            start = i
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("MiB")
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
