@@ -33,11 +33,64 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bundle import extract_archive, verify_bundle
+from ..bundle import Manifest, RuntimeInfo, extract_archive, verify_bundle
+from ..bundle import describe as describe_with
 from ..errors import BundleError, ConfigError
-from ..manifest import Manifest
 
-__all__ = ["LoadedBundle", "load_bundle", "resolve_threads", "probe_program"]
+__all__ = [
+    "LoadedBundle",
+    "load_bundle",
+    "resolve_threads",
+    "probe_program",
+    "runtime_executorch_version",
+    "runtime_info",
+    "describe",
+]
+
+
+def runtime_executorch_version() -> str | None:
+    """The executorch release this device runs, or None where none is installed.
+
+    That of the native adapter's runtime libraries where it is installed (and not
+    overridden by ``TOMA_EDGE_ADAPTER=pybind``), else the executorch package's;
+    ``TOMA_EDGE_RUNTIME_EXECUTORCH`` overrides both.
+    """
+    override = os.environ.get("TOMA_EDGE_RUNTIME_EXECUTORCH")
+    if override:
+        return override
+    from importlib import metadata
+
+    from .adapter import available_adapters, native_executorch_version
+
+    if available_adapters()[:1] == ["native"]:
+        v = native_executorch_version()
+        if v:
+            return v
+    try:
+        return metadata.version("executorch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def runtime_info() -> RuntimeInfo:
+    """Which runtime adapter would run a bundle on this machine, and its executorch."""
+    from .adapter import available_adapters
+
+    have = available_adapters()
+    version = runtime_executorch_version()
+    if not have:
+        return RuntimeInfo(version, "no runtime adapter installed here "
+                                    "(install toma-edge-native or toma-edge[host])")
+    line = f"{have[0]} adapter (executorch {version or 'unknown'})"
+    if len(have) > 1:
+        line += "; also available: " + ", ".join(have[1:])
+    return RuntimeInfo(version, line)
+
+
+def describe(path: str | Path, *, trust_key: str | None = None, as_json: bool = False) -> str:
+    """``toma-edge inspect``: the bundle (folder or archive) verified against this
+    machine's runtime and described (:func:`toma_edge.bundle.describe`)."""
+    return describe_with(Path(path), trust_key=trust_key, as_json=as_json, runtime=runtime_info())
 
 
 def resolve_threads(manifest: Manifest, threads: int | None = None) -> int:
@@ -114,7 +167,8 @@ def _load_folder(
     source: Path, folder: Path, *, trust_key: str | Path | None, threads: int | None,
     adapter: str, isolate: bool = False,
 ) -> LoadedBundle:
-    vb = verify_bundle(folder, trust_key=trust_key)
+    vb = verify_bundle(folder, trust_key=trust_key,
+                       runtime_executorch=runtime_executorch_version())
     entry = vb.manifest.files["model.pte"]
     try:
         data = vb.model_path.read_bytes()

@@ -1,35 +1,56 @@
 """``toma-edge inspect``: a bundle's manifest as a readable summary, files verified.
 
-    from toma_edge.inspect_bundle import describe
+    from toma_edge.bundle import RuntimeInfo, describe
     print(describe(Path("dist/rpi4")))
+    print(describe(Path("dist/rpi4.tar.gz"), runtime=RuntimeInfo("1.5.1", "native adapter")))
+
+What runs bundles here (adapter, executorch version) is the device's to know:
+``toma_edge.device.bundle.describe`` passes it in as ``runtime``.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from .budget import format_size
-from .bundle import extract_archive, verify_bundle
-from .errors import BundleError
+from ..budget import format_size
+from ..errors import BundleError
+from .archive import extract_archive
+from .verify import verify_bundle
 
-__all__ = ["describe"]
+__all__ = ["describe", "RuntimeInfo"]
 
 
-def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False) -> str:
-    """Verify the bundle (folder or .tar.gz) and describe it; BundleError if a check fails."""
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """The runtime that would run a bundle here: its executorch release (None: unknown)
+    and a one-line description (adapter, alternatives)."""
+
+    executorch: str | None
+    line: str
+
+
+def describe(path: Path, *, trust_key: str | None = None, as_json: bool = False,
+             runtime: RuntimeInfo | None = None) -> str:
+    """Verify the bundle (folder or .tar.gz) and describe it; BundleError if a check fails.
+
+    ``runtime``: checked against the bundle's executorch version and named in the
+    summary; None skips both."""
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tempfile.TemporaryDirectory(prefix="toma-edge-inspect-") as d:
             try:
                 return _describe(extract_archive(path, Path(d)), path, trust_key=trust_key,
-                                 as_json=as_json)
+                                 as_json=as_json, runtime=runtime)
             except BundleError as e:  # name the archive, not a folder that is gone
                 raise BundleError(str(e).replace(d, str(path))) from e
-    return _describe(path, path, trust_key=trust_key, as_json=as_json)
+    return _describe(path, path, trust_key=trust_key, as_json=as_json, runtime=runtime)
 
 
-def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool) -> str:
-    vb = verify_bundle(folder, trust_key=trust_key)
+def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool,
+              runtime: RuntimeInfo | None) -> str:
+    vb = verify_bundle(folder, trust_key=trust_key,
+                       runtime_executorch=runtime.executorch if runtime else None)
     m = vb.manifest
     if as_json:
         return m.to_json().rstrip()
@@ -45,7 +66,7 @@ def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool)
         "            measured peak " + ", ".join(
             f"b{k}: {format_size(v)}" for k, v in sorted(m.memory.measured_peak_bytes.items(), key=lambda kv: int(kv[0]))),
     ]
-    for label, mm in m.metrics.items():
+    for label, mm in (("reference", m.metrics.reference), ("shipped", m.metrics.shipped)):
         lines.append(f"{'metrics' if label == 'reference' else '':12s}{label:9s} " + ", ".join(
             f"{k} {v:.4f}" for k, v in mm.items()))
     if m.classes:
@@ -56,19 +77,6 @@ def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool)
     lines.append("files       " + ", ".join(f"{k} ({format_size(e.bytes)}) sha256 ok" for k, e in m.files.items()))
     sig = "signature ok" if trust_key else ("signed, not checked (no --trust-key)" if vb.signed else "unsigned")
     lines.append(f"trust       {sig}; manifest sha256 {vb.manifest_sha256[:16]}…")
-    lines.append(f"runtime     {_runtime_line()}")
+    if runtime is not None:
+        lines.append(f"runtime     {runtime.line}")
     return "\n".join(lines)
-
-
-def _runtime_line() -> str:
-    """Which runtime adapter would run the bundle on this machine, and its executorch."""
-    from .bundle import runtime_executorch_version
-    from .device.adapter import available_adapters
-
-    have = available_adapters()
-    if not have:
-        return "no runtime adapter installed here (install toma-edge-native or toma-edge[host])"
-    line = f"{have[0]} adapter (executorch {runtime_executorch_version() or 'unknown'})"
-    if len(have) > 1:
-        line += "; also available: " + ", ".join(have[1:])
-    return line
