@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from toma_edge.device.adapter import load_program
-from toma_edge.host.compress import calibration_batches, export_net, run_rows
 from toma_edge.host.example import ExampleRegressor, make_data
-from toma_edge.host.export import export_program
+from toma_edge.host.export import calibration_batches, export_net, export_program, run_rows
 from toma_edge.host.prune import finetune, prune_structured
 from toma_edge.host.train import TrainSpec, evaluate, train_model
 

@@ -145,7 +145,7 @@ def row_fmt(name: str, r: dict[str, float]) -> str:
 def example_bundle() -> Path:
     d = WORK / "rpi4"
     if not (d / "manifest.json").exists():
-        from toma_edge.host.build import build
+        from toma_edge.host import build
 
         build(target="rpi", out=d)
     return d
@@ -158,8 +158,8 @@ def heavy_bundle(base: Path, width: int) -> Path:
         return d
     import torch
 
-    from toma_edge.host.build import measure_peaks
     from toma_edge.host.export import export_program
+    from toma_edge.host.measure import measure_peaks
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, width), torch.nn.ReLU(),

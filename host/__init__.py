@@ -1,9 +1,13 @@
 """toma-edge host SDK: training with TOMA memory policies, compression, ExecuTorch export,
 ``build``, and the fleet collector.
 
-    from toma_edge.host.build import build
+    from toma_edge.host import build
     result = build(target="rpi", out="dist/rpi4")    # the built-in example
     print(result.manifest["metrics"]["shipped"])
+
+``build`` and ``compress_saved`` (``toma-edge compress``) are compositions of the steps in
+:mod:`toma_edge.host.pipeline`; ``compress`` is the compression search
+(:mod:`toma_edge.host.search`) over a trained model.
 """
 
 if __name__ != "toma_edge.host":
@@ -15,6 +19,7 @@ if __name__ != "toma_edge.host":
 __all__ = [
     "build",
     "BuildResult",
+    "compress_saved",
     "compress",
     "CompressResult",
     "prune_structured",
@@ -30,10 +35,11 @@ from .._lazy import lazy_getattr  # noqa: E402
 
 # loaded on first use, so importing the package stays cheap (no torch)
 _LAZY = {
-    "build": "build",
-    "BuildResult": "build",
-    "compress": "compress",
-    "CompressResult": "compress",
+    "build": "pipeline",
+    "BuildResult": "pipeline",
+    "compress_saved": "pipeline",
+    "compress": "search",
+    "CompressResult": "search",
     "prune_structured": "prune",
     "train_model": "train",
     "TrainSpec": "train",

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from ..project import TrainConfig
     from .training_data import TrainingData
 
 __all__ = [
@@ -58,6 +59,12 @@ class TrainSpec:
     batch_size: int = 32
     seed: int = 0
     weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, task: Task) -> TrainSpec:
+        """The project's ``train:`` section as a spec (its memory keys go to MemoryPolicy)."""
+        return cls(task=task, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+                   seed=config.seed, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ _CACHE = os.environ.get("TOMA_EDGE_TEST_BUNDLE_CACHE")
 def _cached_build(tmp_path_factory: pytest.TempPathFactory, name: str, **kw):  # type: ignore[no-untyped-def]
     import pickle
 
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     if not _CACHE:
         return build(out=tmp_path_factory.mktemp("bundles") / name, **kw)
@@ -62,7 +62,7 @@ def _cached_build(tmp_path_factory: pytest.TempPathFactory, name: str, **kw):  #
 @pytest.fixture(scope="session")
 def example_build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """BuildResult of the built-in example built for rpi once per session (int8)."""
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     result = _cached_build(tmp_path_factory, "rpi4", target="rpi")
     return result or build(target="rpi", out=tmp_path_factory.mktemp("bundles") / "rpi4")
@@ -88,7 +88,7 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield Path(_CACHE) / "digits"
         return
     out = tmp_path_factory.mktemp("bundles") / "digits"
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     build(target="rpi", project=DIGITS_PROJECT, out=out)
     yield out

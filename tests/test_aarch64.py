@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.aarch64, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The digits CNN (Conv2d, BatchNorm, pooling, Linear) shipped in fp32."""
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     proj = tmp_path_factory.mktemp("cnn-fp32")
     for f in CNN.glob("*.py"):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from toma_edge.errors import BudgetError
-from toma_edge.host.compress import Candidate, candidate_variants, choose, validation_split
+from toma_edge.host.search import Candidate, candidate_variants, choose, validation_split
 from toma_edge.project import CompressConfig
 
 
@@ -74,7 +74,7 @@ def _project(tmp_path: Path, quantize: str, prune: str | float = 0.0, epochs: in
 
 @pytest.mark.slow
 def test_storage_budget_below_fp32_ships_a_compressed_variant_that_fits(tmp_path: Path) -> None:
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     budget = 12 * 1024  # the fp32 program of this model is about 17 KiB
     res = build(target="rpi", project=_project(tmp_path, "auto"), out=tmp_path / "b",
@@ -160,7 +160,7 @@ def test_compress_command_over_a_saved_state_dict(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fixed_prune_ratio_ships_a_smaller_pruned_program(tmp_path: Path, example_bundle: Path) -> None:
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     res = build(target="rpi", project=_project(tmp_path, "int8", prune=0.5, epochs=10),
                 out=tmp_path / "p")

@@ -73,10 +73,11 @@ def _write_npy(root: Path, train_rows: int, test_rows: int = 512) -> None:
 
 _RUNNER = textwrap.dedent("""
     import json, sys
-    from toma_edge.host.build import Reporter, build
+    from toma_edge.host import build
+    from toma_edge.progress import NullProgress
     from toma_edge.probes import enable_exact_peaks, peak_probe
 
-    class PhasePeaks(Reporter):
+    class PhasePeaks(NullProgress):
         # the exact peak RSS (VmHWM) of the training phase, through the process-wide probe
         def __init__(self):
             self.ctx = None
@@ -96,7 +97,7 @@ _RUNNER = textwrap.dedent("""
     enable_exact_peaks()
     rep = PhasePeaks()
     res = build(target="rpi", project=sys.argv[1], out=sys.argv[2], train_budget=int(sys.argv[3]),
-                reporter=rep)
+                progress=rep)
     rep.out["metrics"] = res.manifest["metrics"]
     rep.out["seconds"] = res.seconds
     print(json.dumps(rep.out))
@@ -222,7 +223,7 @@ def test_path_project_loads_lazily(tmp_path: Path) -> None:
 
 def test_build_from_csv_files_end_to_end(tmp_path: Path) -> None:
     """CSV training and test files (with a header) through the whole build, in process."""
-    from toma_edge.host.build import build
+    from toma_edge.host import build
 
     rng = np.random.default_rng(5)
     w = rng.standard_normal(8).astype(np.float32)

@@ -38,9 +38,12 @@ class Events:
         self.got: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self.c = make_client(broker.settings("collector"), client_id="collector")
-        self.c.on_message = lambda cl, ud, msg: self.got.put(json.loads(msg.payload))
+        self.c.on_message = lambda cl, ud, msg: (
+            self.got.put(json.loads(msg.payload)) if msg.topic.endswith("/events") else None)
         self.c.connect(broker.settings("collector").url.host, broker.port)
-        self.c.subscribe(f"toma-edge/v1/{FLEET}/{device_id}/events", qos=1)
+        # telemetry too, like a collector: the agent holds messages nobody subscribed to
+        for kind in ("events", "telemetry"):
+            self.c.subscribe(f"toma-edge/v1/{FLEET}/{device_id}/{kind}", qos=1)
         self.c.loop_start()
 
     def wait(self, kind: str, timeout_s: float = 60.0, rollout_id: str | None = None
@@ -114,7 +117,10 @@ class Device:
         rel = self.state / "releases"
         if not rel.exists():
             rel.mkdir(parents=True)
-            shutil.copytree(first, rel / "v1")
+            if (first / "manifest.sig").exists():  # signed as v1 already
+                shutil.copytree(first, rel / "v1")
+            else:
+                with_version(first, rel / "v1", "v1")
             (self.state / "current").symlink_to("releases/v1")
         self.broker, self.tmp, self.device_id = broker, tmp, device_id
         self.extra = extra or []
@@ -343,7 +349,7 @@ def slow_bundle(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     import torch
 
-    from toma_edge.host.build import measure_peaks
+    from toma_edge.host.measure import measure_peaks
     from toma_edge.host.export import export_program
 
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
-"""Compression that fits the target: try variants, measure each, ship the smallest good one.
+"""Compression search: try the variants a config allows, measure each, choose the smallest
+good one that fits the target.
 
-    from toma_edge.host.compress import compress
+    from toma_edge.host import compress
     from toma_edge.project import CompressConfig
     res = compress(model, CompressConfig(quantize="auto", prune="auto"), task="regression",
                    train=(X_fit, y_fit), val=(X_val, y_val), target="rpi")
@@ -25,26 +26,23 @@ naming the closest candidate and by how much it misses.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..budget import format_size, parse_size
+from ..bundle import CandidateEntry
 from ..device.adapter import load_program
-from ..errors import BudgetError, BundleError, ConfigError
+from ..errors import BudgetError, ConfigError
 from ..profiles import TargetProfile, load_profile
+from ..progress import Progress
 from ..project import CompressConfig
 from .export import (
     ExportResult,
@@ -54,6 +52,7 @@ from .export import (
     export_program,
     run_rows,
 )
+from .measure import finish_peak_measurement, latency_ms, start_peak_measurement
 from .prune import Criterion, find_prunable, finetune, prune_structured
 from .train import Task, TrainSpec, evaluate
 
@@ -62,24 +61,22 @@ __all__ = [
     "ALL_QUANTIZATIONS",
     "Candidate",
     "CompressResult",
-    "ProgressFn",
     "compress",
+    "allowed_quantizations",
+    "preferred_quantization",
     "candidate_variants",
     "choose",
+    "format_table",
     "validation_split",
     "default_tolerance",
     "BuildChoice",
     "search_for_build",
-    "load_saved_model",
-    "compress_saved",
 ]
 
 #: the ratios ``prune: auto`` tries
 AUTO_PRUNE: tuple[float, ...] = (0.0, 0.25, 0.5)
 #: the kinds ``quantize: auto`` tries
 ALL_QUANTIZATIONS: tuple[Quantization, ...] = ("fp32", "int8", "int8-dynamic")
-#: called with a line of text as each candidate is measured
-ProgressFn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -103,17 +100,15 @@ class Candidate:
     def label(self) -> str:
         return f"{self.quantization} pruned {self.prune:.0%}"
 
-    def as_dict(self) -> dict[str, Any]:
-        """The manifest's ``candidates`` entry."""
-        d = asdict(self)
-        d.pop("over")
-        d.pop("metric")
-        d.pop("value")
-        d[self.metric] = None if math.isnan(self.value) else self.value
-        d["measured_peak_bytes"] = d.pop("peak_bytes")
-        if not self.miss:
-            d.pop("miss")
-        return d
+    def entry(self, *, shipped: bool) -> CandidateEntry:
+        """The manifest's ``candidates`` entry (a metric that was not scored is null)."""
+        extra = {} if not self.miss else {"miss": self.miss}
+        return CandidateEntry(
+            quantization=self.quantization, prune=self.prune, pte_bytes=self.pte_bytes,
+            planned_bytes=self.planned_bytes, latency_ms=self.latency_ms, fits=self.fits,
+            measured_peak_bytes=self.peak_bytes, shipped=shipped, **extra,
+            **{self.metric: None if math.isnan(self.value) else self.value},
+        )
 
 
 @dataclass
@@ -135,17 +130,30 @@ def default_tolerance(task: Task | str) -> float:
     return 0.005
 
 
+def allowed_quantizations(quantize: str) -> tuple[Quantization, ...]:
+    """The kinds ``compress.quantize`` allows: ``auto`` all of :data:`ALL_QUANTIZATIONS`,
+    ``none`` (or ``fp32``) fp32 alone, a kind itself alone. The one meaning of ``auto``."""
+    if quantize == "auto":
+        return ALL_QUANTIZATIONS
+    if quantize in ("none", "fp32"):
+        return ("fp32",)
+    return (quantize,)  # type: ignore[return-value]
+
+
+def preferred_quantization(quantize: str, profile: TargetProfile) -> Quantization:
+    """Of the allowed kinds, the target's preferred one (its ``export.quantization``;
+    ``auto`` there means int8), else the first allowed: what build's cross-validation
+    scores before the search has chosen."""
+    kinds = allowed_quantizations(quantize)
+    pref = profile.export.quantization
+    want = "int8" if pref == "auto" else pref
+    return want if want in kinds else kinds[0]  # type: ignore[return-value]
+
+
 def candidate_variants(config: CompressConfig, *, prunable: bool = True
                        ) -> list[tuple[Quantization, float]]:
     """(quantization, prune ratio) pairs the config allows, smallest search first."""
-    q = config.quantize
-    kinds: tuple[Quantization, ...]
-    if q == "auto":
-        kinds = ALL_QUANTIZATIONS
-    elif q in ("none", "fp32"):
-        kinds = ("fp32",)
-    else:
-        kinds = (q,)  # type: ignore[assignment]
+    kinds = allowed_quantizations(config.quantize)
     if config.prune == "auto":
         ratios = AUTO_PRUNE if prunable else (0.0,)
     else:
@@ -167,42 +175,6 @@ def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None, f
             strat = labels
     fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
     return np.sort(fit), np.sort(val)
-
-
-def latency_ms(program: Any, x: np.ndarray, *, repeats: int = 30, warmup: int = 3) -> float:
-    """Median wall time of one forward of ``x`` through a loaded program, milliseconds."""
-    x = np.ascontiguousarray(x)
-    for _ in range(warmup):
-        program.run([x])
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        program.run([x])
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
-def start_peak_measurement(pte_path: Path, batches: Iterable[int] = (1,)) -> subprocess.Popen[str]:
-    """Start measuring the peak RSS increase over the loaded program, per batch size, in a
-    fresh device process; ``finish_peak_measurement`` collects it. Runs beside the next export."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "toma_edge.device.measure", str(pte_path),
-           "--batches", ",".join(str(b) for b in batches)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish_peak_measurement(proc: subprocess.Popen[str], *, timeout_s: float = 300) -> dict[str, Any]:
-    """The JSON the device's measure module printed (adapter, measured_peak_bytes)."""
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        proc.kill()
-        proc.communicate()
-        raise BundleError(f"measuring the program's memory took over {timeout_s:g} s") from e
-    if proc.returncode != 0:
-        last = (err.strip().splitlines() or ["no output"])[-1]
-        raise BundleError(f"the exported program does not run in the device runtime: {last}")
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _limits_miss(pte: int, peak: int, lat: float, *, profile: TargetProfile, adapter: str,
@@ -281,7 +253,7 @@ def compress(
     spec: TrainSpec | None = None,
     finetune_epochs: int | None = None,
     criterion: Criterion = "l2",
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> CompressResult:
     """Search the variants ``config`` allows for ``model`` (trained, fp32, raw logits for
     classification) and return the one to ship; see the module docstring.
@@ -332,7 +304,7 @@ def compress(
                 # the memory of this one is measured while the next one exports
                 pending.append((kind, ratio, res, lat, float(score), start_peak_measurement(pte_path, (1,))))
                 if progress is not None:
-                    progress(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, {lat:.3f} ms, "
+                    progress.info(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, {lat:.3f} ms, "
                              f"val {metric} {score:.4f}")
             for kind, ratio, res, lat, score, proc in pending:
                 meas = finish_peak_measurement(proc)
@@ -403,7 +375,7 @@ def search_for_build(
     latency_budget_ms: float | None,
     max_batch: int,
     val_fraction: float = 0.2,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> BuildChoice:
     """Build's search: train a search model on the training rows less a validation split,
     search on it (``compress``), then apply the chosen variant to ``reference`` (trained on
@@ -437,121 +409,3 @@ def search_for_build(
     if res is None:
         return BuildChoice(kind, ratio, model)
     return BuildChoice(kind, ratio, model, res.candidates, res.shipped, res)
-
-
-def load_saved_model(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
-    """A model saved with ``torch.save``: the module itself, or a state_dict for ``factory()``."""
-    from ..errors import InputError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such model file; save one with torch.save(model, '{p.name}')")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle and zip errors of many kinds
-        raise InputError(f"{p}: cannot load it with torch.load ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); save the module or its "
-                         "state_dict with torch.save") from e
-    if isinstance(obj, nn.Module):
-        return obj.eval()
-    if isinstance(obj, dict):
-        model = factory()
-        try:
-            model.load_state_dict(obj)
-        except (RuntimeError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()
-            raise ConfigError(
-                f"{p}: the state_dict does not fit the project's model "
-                f"({first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}); "
-                "pass --project with the factory that built it, or save the whole module"
-            ) from e
-        return model.eval()
-    raise InputError(f"{p}: holds a {type(obj).__name__}, not a torch.nn.Module or a state_dict")
-
-
-def compress_saved(
-    model_path: str | Path,
-    *,
-    target: str = "rpi",
-    project: str | Path | None = None,
-    out: str | Path | None = None,
-    storage_budget: str | int | None = None,
-    latency_budget_ms: float | None = None,
-    progress: ProgressFn | None = None,
-) -> Any:
-    """``toma-edge compress``: the search and export alone over a saved, trained model;
-    writes a bundle like build's (``dist/<target>/`` by default) and returns a BuildResult.
-
-    The project (or the built-in example) gives the data: the search fine-tunes on the
-    training rows less a validation split and scores on that split; the test split is
-    only reported. ``metrics.reference`` is the saved model on the test split.
-    """
-    import shutil
-
-    from .build import (
-        BuildResult,
-        _replace_dir,
-        _verify,
-        _write_manifest,
-        bundle_manifest,
-        measure_peaks,
-        summary_lines,
-    )
-    from .plots import write_plots
-    from .source import load_source, with_target_defaults
-    from .train import predict_numpy
-
-    t0 = time.perf_counter()
-    profile = load_profile(target)
-    out_dir = Path(out) if out is not None else Path("dist") / profile.name
-    storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
-    src = load_source(project)
-    src.project = with_target_defaults(src.project, profile)
-    proj = src.project
-    task: Task = proj.task
-    max_batch = proj.export.max_batch
-    model = load_saved_model(model_path, src.factory)
-    ref_net = export_net(model, task)
-    ref_metrics = evaluate(lambda x: predict_numpy(ref_net, x), src.X_test, src.y_test, task, prefix="test_")
-    spec = TrainSpec(task=task, epochs=proj.train.epochs, lr=proj.train.lr,
-                     batch_size=proj.train.batch_size, seed=proj.train.seed,
-                     weight_decay=proj.train.weight_decay)
-    fit_idx, val_idx = validation_split(len(src.X_train), task=task, y=src.y_train, seed=spec.seed)
-    res = compress(model, proj.compress, task=task,
-                   train=(src.X_train[fit_idx], src.y_train[fit_idx]),
-                   val=(src.X_train[val_idx], src.y_train[val_idx]), target=profile,
-                   max_batch=max_batch, storage_budget=storage_bytes,
-                   latency_budget_ms=latency_budget_ms, spec=spec, progress=progress)
-    if progress is not None:
-        progress("compression candidates (* shipped):\n" + res.table())
-    kind = res.shipped.quantization
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        pte_path = tmp / "model.pte"
-        pte_path.write_bytes(res.export.pte)
-        program = load_program(pte_path, threads=1)  # loaded once: verify, metrics, plot
-        verify_diff = _verify(src, res.export, program, max_batch)
-        pred = run_rows(program, src.X_test, max_batch)
-        del program
-        shipped_metrics = evaluate(lambda x: pred, src.X_test, src.y_test, task, prefix="test_")
-        meas = measure_peaks(pte_path, max_batch)
-        manifest = bundle_manifest(
-            src, profile, res.export, res.model, storage_bytes=storage_bytes, quantization=kind,
-            prune=res.shipped.prune,
-            candidates=[dict(c.as_dict(), shipped=c is res.shipped) for c in res.candidates],
-            ref_metrics=ref_metrics, shipped_metrics=shipped_metrics, measured=meas,
-            build_info={"command": "compress", "source_model": str(model_path),
-                        "verify_max_abs_diff": verify_diff,
-                        "data": {"train_rows": int(len(fit_idx)), "validation_rows": int(len(val_idx)),
-                                 "test_rows": int(len(src.X_test)), "builtin_example": src.builtin}})
-        write_plots(tmp, task=task, y_true=src.y_test, y_pred=pred, candidates=res.candidates,
-                    shipped=res.shipped, classes=src.classes)
-        _write_manifest(tmp, manifest)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    secs = time.perf_counter() - t0
-    return BuildResult(out=out_dir, manifest=manifest, seconds=secs,
-                       summary=summary_lines(manifest, profile, secs))
