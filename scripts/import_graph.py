@@ -36,10 +36,10 @@ class Graph:
     private_imports: list[str] = field(default_factory=list)
 
 
-def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for every .py of the three trees."""
+def module_files(trees: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py of the three trees (package -> folder)."""
     out: dict[str, Path] = {}
-    for pkg, root in TREES.items():
+    for pkg, root in (trees or TREES).items():
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root)
             if SKIP_PARTS & set(rel.parts[:-1]) or (pkg == "toma_edge" and rel.parts[0] in
@@ -103,8 +103,9 @@ def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def build_graph() -> Graph:
-    g = Graph(modules=module_files())
+def build_graph(trees: dict[str, Path] | None = None) -> Graph:
+    """The graph of the package's modules (or of ``trees``: package name -> folder)."""
+    g = Graph(modules=module_files(trees))
     known = set(g.modules)
 
     def target(name: str) -> str | None:
@@ -134,7 +135,7 @@ def build_graph() -> Graph:
                             and target(base) is not None and target(base) != mod):
                         g.private_imports.append(
                             f"{mod} imports {a.name} from {target(base)}"
-                            f" ({path.relative_to(ROOT)}:{node.lineno})")
+                            f" ({_shown(path)}:{node.lineno})")
             for t in targets:
                 dst = target(t)
                 if dst is None or dst == mod:
@@ -144,6 +145,10 @@ def build_graph() -> Graph:
                 else:
                     g.edges.setdefault(mod, set()).add(dst)
     return g
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -214,8 +219,9 @@ def host_device_edges(edges: dict[str, set[str]]) -> list[str]:
             if layer(a) == "host" and layer(b) == "device"]
 
 
-def report() -> dict[str, object]:
-    g = build_graph()
+def report(trees: dict[str, Path] | None = None) -> dict[str, object]:
+    """Counts and lists, as ``--json`` prints them."""
+    g = build_graph(trees)
     cyc = cycles(g.edges)
     lay = layer_violations(g.edges)
     return {

@@ -24,7 +24,7 @@ import click
 
 from .errors import handle_errors
 
-__all__ = ["fleet", "db_option", "open_db"]
+__all__ = ["fleet", "db_option", "open_db", "duration_s"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,7 +52,7 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _duration_s(value: str, *, option: str) -> float:
+def duration_s(value: str, *, option: str) -> float:
     """``30d``, ``12h``, ``45m``, ``90s`` or plain seconds into seconds; ConfigError otherwise."""
     from ..errors import ConfigError
 
@@ -245,10 +245,13 @@ def dashboard(db: str, http: str, refresh: float, max_devices: int) -> None:
 @handle_errors
 def prune(db: str, older_than: str) -> None:
     """Retention: delete old telemetry, events and dead letters from the store."""
-    seconds = _duration_s(older_than, option="--older-than")
+    seconds = duration_s(older_than, option="--older-than")
     store = open_db(db)
     try:
         deleted = store.prune(seconds)
     finally:
         store.close()
     click.echo(", ".join(f"{n} {table}" for table, n in deleted.items()) + " rows deleted")
+
+
+_duration_s = duration_s  # until toma_edge/cli/rollout.py imports duration_s (then drop this)
