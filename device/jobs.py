@@ -353,18 +353,25 @@ class RolloutRunner:
         self._event(rp.DOWNLOADED, rp.event_fields(job, bytes=archive.stat().st_size,
                                                     seconds=round(seconds, 3),
                                                     resumed_chunks=resumed))
+        tmp = dest = None
         try:
-            new = self._verify_and_unpack(job, archive)
-            self._check(job, new)
-            self._swap(job, new)
-        except Refused as e:
-            self._refuse(job, str(e), **e.figures)
+            tmp, version = self._verify_and_unpack(job, archive)
+            self._check(job, tmp)
+            dest = self.rel.keep(tmp, release_name(version, b.sha256))
+            self._swap(job, dest)
         except TomaEdgeError as e:
-            self._refuse(job, str(e))
+            for d in (tmp, dest):  # nothing half-installed, nothing refused kept
+                if d is not None and d.is_dir() and d not in self._in_use():
+                    shutil.rmtree(d, ignore_errors=True)
+            self._refuse(job, str(e), **(e.figures if isinstance(e, Refused) else {}))
         finally:
             self.rel.drop_download(job.rollout_id)
 
-    def _verify_and_unpack(self, job: rp.JobDocument, archive: Path) -> Path:
+    def _in_use(self) -> set[Path]:
+        return {p for p in (self.rel.current(), self.rel.previous(),
+                            Path(self.svc.model.source).resolve()) if p is not None}
+
+    def _verify_and_unpack(self, job: rp.JobDocument, archive: Path) -> tuple[Path, str]:
         b = job.bundle
         assert b is not None
         h = hashlib.sha256()
@@ -385,7 +392,7 @@ class RolloutRunner:
         self._event(rp.VERIFIED, rp.event_fields(job, signed=vb.signed,
                                                   name=vb.manifest.name,
                                                   bundle_version=vb.manifest.version))
-        return self.rel.keep(tmp, release_name(vb.manifest.version, b.sha256))
+        return tmp, vb.manifest.version
 
     def _check(self, job: rp.JobDocument, folder: Path) -> None:
         from ..manifest import MANIFEST_NAME, read_manifest

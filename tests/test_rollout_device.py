@@ -9,6 +9,7 @@ to the previous release; a job seen again is never run twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -26,6 +27,7 @@ from test_service_http import ServiceProc
 
 from toma_edge import rollout_protocol as rp
 from toma_edge.bundle import make_archive, sign_manifest
+from toma_edge.errors import InputError, TelemetryError
 from toma_edge.telemetry import make_client
 
 FLEET = "test"
@@ -103,9 +105,34 @@ class Deployer:
         rp.publish_job(self.c, FLEET, device_id, doc, parts if publish_chunks else None)
         return parts
 
+    def install_url(self, device_id: str, rollout_id: str, archive: Path, url: str, *,
+                    version: str, **job: Any) -> None:
+        data = archive.read_bytes()
+        ref = rp.BundleRef(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), chunks=0,
+                           url=url)
+        doc = rp.JobDocument(rollout_id=rollout_id, action="install", bundle=ref,
+                             release={"name": "m", "version": version},
+                             deadline=time.time() + 600, **job)
+        rp.publish_job(self.c, FLEET, device_id, doc)
+
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+def http_folder(folder: Path) -> tuple[str, Any]:
+    """Serve ``folder`` over HTTP on a free loopback port: (base URL, server)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0),
+                              functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv
 
 
 class Device:
@@ -349,8 +376,8 @@ def slow_bundle(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     import torch
 
-    from toma_edge.host.measure import measure_peaks
     from toma_edge.host.export import export_program
+    from toma_edge.host.measure import measure_peaks
 
     torch.manual_seed(0)
     w = 1536
@@ -381,12 +408,16 @@ def test_slow_bundle_is_rolled_back_by_the_device_within_the_health_window(
     load = Load(dev)
     try:
         time.sleep(2.0)
-        dep.install("dev-4", "r-slow-1", make_archive(slow_bundle, tmp_path / "slow.tar.gz"),
-                    version="slow", health_window_s=8.0, max_p99_ratio=3.0)
+        # 17 MB: too many chunks for one job document, so the device fetches it by URL
+        make_archive(slow_bundle, tmp_path / "slow.tar.gz")
+        base, srv = http_folder(tmp_path)
+        dep.install_url("dev-4", "r-slow-1", tmp_path / "slow.tar.gz", f"{base}/slow.tar.gz",
+                        version="slow", health_window_s=8.0, max_p99_ratio=3.0)
         ev.wait(rp.LIVE, 120, rollout_id="r-slow-1")
         t_live = time.monotonic()
         f = ev.wait(rp.FAILED, 30, rollout_id="r-slow-1")
         rb = ev.wait(rp.ROLLED_BACK, 30, rollout_id="r-slow-1")
+        srv.shutdown()
         assert time.monotonic() - t_live < 8.0 + 5
         assert "p99 latency" in f["reason"] and f["p99_s"] > 3 * f["prev_p99_s"], f
         assert rb["release"] == "v1"
@@ -441,12 +472,12 @@ def test_job_documents_are_strict() -> None:
         ({**good, "deadline": "1"}, "number"), ({**good, "action": "install"}, "bundle"),
         ({**good, "crash_limit": 2.0}, "crash_limit"), ({**good, "rollout_id": "a/b"}, "rollout_id"),
     ]:
-        with pytest.raises(Exception) as e:
+        with pytest.raises(InputError) as e:
             rp.decode_job(json.dumps(bad))
         assert word in str(e.value) and "\n" not in str(e.value), (bad, e.value)
-    with pytest.raises(Exception, match="invalid JSON"):
+    with pytest.raises(InputError, match="invalid JSON"):
         rp.decode_job(b'{"v": 1, "deadline": NaN}')
     assert rp.parse_job_topic("toma-edge/v1/f/d/jobs/r-1/chunk/7") == ("f", "d", "r-1", 7)
     for t in ("toma-edge/v1/f/d/jobs/r-1/chunk/x", "toma-edge/v1/f/d/jobs", "a/b/c/d/jobs/r"):
-        with pytest.raises(Exception):
+        with pytest.raises(TelemetryError, match="is not toma-edge"):
             rp.parse_job_topic(t)
