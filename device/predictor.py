@@ -35,8 +35,8 @@ import numpy as np
 
 from ..adaptive import AdaptCallback, AdaptEvent, BatchSizePolicy, is_oom_error
 from ..budget import MemoryBudget, format_size
+from ..bundle import Manifest
 from ..errors import BudgetError, InputError
-from ..manifest import Manifest
 from ..probes import peak_probe, rss_bytes
 from .adapter import Program
 from .bundle import LoadedBundle, load_bundle

@@ -80,14 +80,14 @@ def build(target: str, project: str | None, out: str | None, storage_budget: str
           latency_budget: float | None, train_budget: str | None, memory_log: str | None,
           sign_key: str | None, archive: bool, wheels_dir: str | None) -> None:
     """Train, compress, export and verify a model; write its bundle."""
-    from ..host.build import build as run_build
+    from ..host.pipeline import build as run_build
 
     rep = RichReporter()
     try:
         res = run_build(target=target, project=project, out=out, storage_budget=storage_budget,
                         latency_budget_ms=latency_budget, train_budget=train_budget,
                         memory_log=memory_log, sign_key=sign_key, archive=archive,
-                        reporter=rep)  # type: ignore[arg-type]
+                        progress=rep)
     except BaseException:
         rep.stop()  # the phase that failed is not marked done
         raise
@@ -128,7 +128,7 @@ def wheels(target: str, out: str) -> None:
 @handle_errors
 def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
     """Show a bundle's manifest and verify its files (and signature)."""
-    from ..inspect_bundle import describe
+    from ..device.bundle import describe
 
     text = describe(Path(bundle), trust_key=trust_key, as_json=as_json)
     click.echo(text)
@@ -187,11 +187,17 @@ def compress(model: str, target: str, project: str | None, out: str | None,
              storage_budget: str | None, latency_budget: float | None) -> None:
     """Search compression variants of a saved model (torch.save of the module or a
     state_dict) and write the bundle of the smallest that fits the target."""
-    from ..host.compress import compress_saved
+    from ..host.pipeline import compress_saved
 
-    res = compress_saved(model, target=target, project=project, out=out,
-                         storage_budget=storage_budget, latency_budget_ms=latency_budget,
-                         progress=lambda line: click.echo(line, err=True))
+    rep = RichReporter()
+    try:
+        res = compress_saved(model, target=target, project=project, out=out,
+                             storage_budget=storage_budget, latency_budget_ms=latency_budget,
+                             progress=rep)
+    except BaseException:
+        rep.stop()
+        raise
+    rep.done()
     for line in res.summary:
         click.echo(line)
     click.echo(f"bundle: {res.out}")
