@@ -250,7 +250,7 @@ class RolloutRunner:
             return
         if self.rel.outcome(job.rollout_id, job.action) is not None:
             return  # done before (retained job seen again): never twice
-        if job.expired():
+        if job.action == "install" and job.expired():
             log.info("rollout %s: past its deadline; ignored", rid)
             return
         if job.action == "rollback":
@@ -501,7 +501,8 @@ class RolloutRunner:
         elif done:
             self._watch = None
             self.rel.clear_pending()
-            self.rel.remember(str(w["rollout_id"]), "install", rp.HEALTHY)
+            self.rel.remember(str(w["rollout_id"]), "install", rp.HEALTHY, **{
+                "from": str(w["from"]), "to": str(w["to"])})
             self._event(rp.HEALTHY, {**fields, **figures})
 
     def _go_back(self, w: dict[str, Any], reason: str) -> None:
@@ -520,22 +521,30 @@ class RolloutRunner:
 
     # -- rollback job ----------------------------------------------------------------------
     def _rollback_job(self, job: rp.JobDocument) -> None:
+        """Go back to the release this rollout replaced, if its release serves here (on
+        probation or healthy); else say there is nothing to undo. Runs past the deadline."""
         fields = rp.event_fields(job)
-        if self._dl is not None and self._dl.job.rollout_id == job.rollout_id:
+        rid = job.rollout_id
+        if self._dl is not None and self._dl.job.rollout_id == rid:
             self._dl = None
-            self.rel.drop_download(job.rollout_id)
-        w = self._watch
+            if self._client is not None:
+                self._client.unsubscribe(rp.chunks_subscription(
+                    self.svc.fleet, self.svc.device_id, rid))
+        self.rel.drop_download(rid)
         pending = self.rel.read_pending()
-        mine = pending if pending and pending.get("rollout_id") == job.rollout_id else None
-        done = self.rel.outcome(job.rollout_id, "install")
+        done = self.rel.outcome(rid, "install")
         to = None
-        if mine is not None:
-            self._watch = None if w and w.get("rollout_id") == job.rollout_id else w
-            to = Path(str(mine["from"]))
-        elif done and done.get("state") == rp.HEALTHY and self.rel.previous() is not None:
-            to = self.rel.previous()
-        if to is None:
-            self.rel.remember(job.rollout_id, "rollback", rp.ROLLED_BACK)
+        if pending is not None and pending.get("rollout_id") == rid:
+            if self._watch is not None and self._watch.get("rollout_id") == rid:
+                self._watch = None
+            to = Path(str(pending["from"]))
+        elif done is not None and done.get("state") == rp.HEALTHY and done.get("from") \
+                and self.rel.current() == Path(str(done.get("to"))).resolve():
+            to = Path(str(done["from"]))
+        if done is None:  # never installed twice once rolled back
+            self.rel.remember(rid, "install", rp.ROLLED_BACK, reason="rollback job")
+        if to is None or not to.is_dir():
+            self.rel.remember(rid, "rollback", rp.ROLLED_BACK)
             self._event(rp.ROLLED_BACK, {**fields, "reason": "rollback job: this rollout's "
                                          "release is not serving here; nothing to undo"})
             return
@@ -547,9 +556,7 @@ class RolloutRunner:
             return
         self.rel.back(to)
         self.rel.clear_pending()
-        self.rel.remember(job.rollout_id, "rollback", rp.ROLLED_BACK)
-        if done is None:
-            self.rel.remember(job.rollout_id, "install", rp.ROLLED_BACK, reason="rollback job")
+        self.rel.remember(rid, "rollback", rp.ROLLED_BACK)
         self._event(rp.ROLLED_BACK, {**fields, "reason": "rollback job", "release": to.name})
 
     # -- events ----------------------------------------------------------------------------

@@ -481,3 +481,42 @@ def test_job_documents_are_strict() -> None:
     for t in ("toma-edge/v1/f/d/jobs/r-1/chunk/x", "toma-edge/v1/f/d/jobs", "a/b/c/d/jobs/r"):
         with pytest.raises(TelemetryError, match="is not toma-edge"):
             rp.parse_job_topic(t)
+
+
+def test_rollback_job_in_the_health_window_invalid_and_expired_jobs(
+        mqtt_broker: Broker, example_bundle: Path, tmp_path: Path, net: Any) -> None:
+    dev = Device(mqtt_broker, tmp_path, "dev-6", example_bundle).start()
+    dep, ev = net("dev-6")
+    try:
+        # not JSON of the protocol: refused with one line naming the problem, nothing runs
+        dep.c.publish(rp.job_topic(FLEET, "dev-6", "r-junk-1"),
+                      b'{"v": 1, "rollout_id": "r-junk-1", "action": "install", "deadline": 1e10}',
+                      qos=1, retain=True).wait_for_publish(10)
+        r = ev.wait(rp.REFUSED, rollout_id="r-junk-1")
+        assert "needs 'bundle'" in r["reason"] and "\n" not in r["reason"], r
+        # past its deadline: ignored
+        parts = rp.chunk_archive(_archive(example_bundle, tmp_path, "old"), 4096)
+        old = rp.JobDocument(rollout_id="r-late-1", action="install", bundle=parts.bundle,
+                             release={"name": "m", "version": "old"}, deadline=time.time() - 1)
+        rp.publish_job(dep.c, FLEET, "dev-6", old, parts)
+        # on probation, then the controller says roll back (same rollout id, job replaced)
+        dep.install("dev-6", "r-back-1", _archive(example_bundle, tmp_path, "v2"),
+                    version="v2", health_window_s=300.0)
+        ev.wait(rp.LIVE, 60, rollout_id="r-back-1")
+        assert dev.serving() == "v2"
+        rp.clear_job(dep.c, FLEET, "dev-6", "r-back-1", 0)
+        rp.publish_job(dep.c, FLEET, "dev-6", rp.JobDocument(
+            rollout_id="r-back-1", action="rollback", deadline=time.time() + 60))
+        rb = ev.wait(rp.ROLLED_BACK, 30, rollout_id="r-back-1")
+        assert rb["reason"] == "rollback job" and rb["release"] == "v1", rb
+        assert dev.serving() == "v1" and dev.current() == "releases/v1"
+        assert not (dev.state / "rollouts" / "pending.json").exists()
+        assert not any(e["fields"].get("rollout_id") == "r-late-1" for e in ev.seen)
+        # a restart: no pending swap, the retained rollback is not run twice
+        dev.stop()
+        n = len(ev.kinds())
+        dev.start()
+        time.sleep(2)
+        assert dev.serving() == "v1" and len(ev.kinds()) == n
+    finally:
+        dev.stop()
