@@ -1,4 +1,5 @@
-"""The package layout DESIGN.md fixes: symlinks, import names, the device/host direction."""
+"""The package layout docs/architecture.md describes: symlinks, import names, the device/host
+direction."""
 
 from __future__ import annotations
 

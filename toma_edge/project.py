@@ -70,7 +70,7 @@ class ExportConfig(BaseModel):
 
 
 class ProjectConfig(BaseModel):
-    """A user's project: DESIGN.md "Project file"."""
+    """A user's project: docs/architecture.md, "The project file"."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
