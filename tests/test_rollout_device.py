@@ -520,3 +520,59 @@ def test_rollback_job_in_the_health_window_invalid_and_expired_jobs(
         assert dev.serving() == "v1" and len(ev.kinds()) == n
     finally:
         dev.stop()
+
+
+def test_plain_bundle_folder_keeps_releases_beside_the_spool(
+        mqtt_broker: Broker, example_bundle: Path, tmp_path: Path, net: Any) -> None:
+    """Started on a plain folder (no `current` symlink): the releases live in
+    <spool folder>/<fleet>-<device>.releases and a restart serves what was installed."""
+    first = with_version(example_bundle, tmp_path / "plain-v1", "v1")
+    env = mqtt_broker.env("dev-7")
+    env["OMP_NUM_THREADS"] = "1"
+    args = [str(first), "--mqtt", mqtt_broker.url("dev-7"), "--fleet", FLEET, "--device-id",
+            "dev-7", "--telemetry-interval", "1", "--spool", str(tmp_path / "s" / "spool.db"),
+            "--threads", "1"]
+    svc = ServiceProc(tmp_path / "serve.log", env=env, args=args)
+    dep, ev = net("dev-7")
+    try:
+        wait_until(lambda: "taking inference requests" in svc.tail(), 30, "subscribed")
+        archive = _archive(example_bundle, tmp_path, "v2")
+        parts = rp.chunk_archive(archive)  # the default 128 KiB chunks
+        job = rp.JobDocument(rollout_id="r-plain-1", action="install", bundle=parts.bundle,
+                             release={"name": "m", "version": "v2"}, health_window_s=1.0,
+                             deadline=time.time() + 600)
+        t0 = time.monotonic()
+        rp.publish_job(dep.c, FLEET, "dev-7", job, parts)
+        d = ev.wait(rp.DOWNLOADED, 30)
+        live = ev.wait(rp.LIVE, 30)
+        t_live = time.monotonic() - t0
+        ev.wait(rp.HEALTHY, 30)
+        state = tmp_path / "s" / f"{FLEET}-dev-7.releases"
+        assert os.readlink(state / "current").startswith("releases/v2-")
+        assert (state / "previous").resolve() == first.resolve()
+        svc.stop()
+        svc = ServiceProc(tmp_path / "serve.log", env=env, args=args)
+        assert svc.health()["model"]["version"] == "v2"
+        print(f"\nexample bundle {parts.bundle.bytes} bytes in {parts.bundle.chunks} chunk(s): "
+              f"download {d['seconds']} s, swap {live['swap_s']} s, publish->live {t_live:.2f} s")
+    finally:
+        svc.stop()
+
+
+def test_release_that_cannot_start_after_a_swap_falls_back_at_once(
+        mqtt_broker: Broker, example_bundle: Path, tmp_path: Path, net: Any) -> None:
+    dev = Device(mqtt_broker, tmp_path, "dev-8", example_bundle).start()
+    dep, ev = net("dev-8")
+    try:
+        dep.install("dev-8", "r-broken-1", _archive(example_bundle, tmp_path, "v2"),
+                    version="v2", health_window_s=300.0, crash_limit=5)
+        ev.wait(rp.LIVE, 60, rollout_id="r-broken-1")
+        dev.stop(signal.SIGKILL)
+        new = (dev.state / "current").resolve()
+        (new / "model.pte").write_bytes(b"not a program")  # the disk broke it meanwhile
+        dev.start()  # the previous release starts instead of an exit
+        assert dev.serving() == "v1" and dev.current() == "releases/v1"
+        rb = ev.wait(rp.ROLLED_BACK, 30, rollout_id="r-broken-1")
+        assert "cannot start" in rb["reason"] and "\n" not in rb["reason"], rb
+    finally:
+        dev.stop()
