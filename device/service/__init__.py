@@ -13,7 +13,9 @@ the request handler of :mod:`.mqtt` and the telemetry agent. SIGTERM (and SIGINT
 the listener, answer every request already accepted, flush telemetry and return 0.
 SIGHUP verifies, warms up and swaps in the bundle at the path given at start again
 (a ``current`` symlink switched to a new release folder); a bad bundle is refused and
-the old model keeps serving.
+the old model keeps serving. With ``--mqtt`` the device carries out fleet rollout jobs
+(:mod:`toma_edge.device.jobs`): download, verify, contract and fit checks, swap, a health
+window, and a rollback of its own when the new release fails or crash-loops.
 
 Connections are bounded (:mod:`.connections`): a request head must arrive within
 ``request_timeout_s``, idle keep-alive connections close after ``idle_timeout_s``, and

@@ -10,7 +10,10 @@
 Transports (:mod:`.http_app`, :mod:`.mqtt`) only decode requests, call :meth:`Service.submit`
 and encode answers; everything they share (limits, counters, telemetry hooks, model
 updates) lives here. Telemetry runs only with an MQTT URL (``--mqtt``): without a broker
-there is nobody to send it to.
+there is nobody to send it to. With telemetry on, the device also takes fleet rollout
+jobs on its jobs topic (:mod:`toma_edge.device.jobs`; releases on disk:
+:mod:`toma_edge.device.releases`): the bundle it serves is then ``current`` of its state
+folder once a rollout installed a release, or the previous release after a crash loop.
 """
 
 from __future__ import annotations
@@ -158,10 +161,14 @@ class Service:
             from ..jobs import RolloutRunner
             from ..releases import Releases
 
-            self.rollouts = RolloutRunner(self, Releases.for_service(
-                config.bundle, spool=self._spool_path(), fleet=self.fleet,
-                device_id=self.device_id))
-            self.bundle_path = self.rollouts.prepare(config.bundle)
+            try:
+                self.rollouts = RolloutRunner(self, Releases.for_service(
+                    config.bundle, spool=self._spool_path(), fleet=self.fleet,
+                    device_id=self.device_id))
+                self.bundle_path = self.rollouts.prepare(config.bundle)
+            except (ConfigError, OSError) as e:  # e.g. a read-only state folder
+                log.error("fleet rollouts are off on this device: %s", e)
+                self.rollouts = None
         try:
             self.holder.replace(self.bundle_path)
         except TomaEdgeError as e:
