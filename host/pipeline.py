@@ -64,6 +64,7 @@ from .measure import measure_peaks
 from .search import (
     BuildChoice,
     Candidate,
+    CompressResult,
     compress,
     preferred_quantization,
     search_for_build,
@@ -94,6 +95,7 @@ __all__ = [
     "load_saved_model",
     "test_metrics",
     "choose_variant",
+    "search_variants",
     "export_variant",
     "Checked",
     "verify_and_measure",
@@ -239,23 +241,16 @@ def compress_saved(
     prog = as_progress(progress)
     plan = make_plan(target=target, project=project, out=out, storage_budget=storage_budget,
                      latency_budget_ms=latency_budget_ms)
-    src = plan.source
-    model = load_saved_model(model_path, src.factory)
+    model = load_saved_model(model_path, plan.source.factory)
     reference = test_metrics(plan, model)
-    fit, val = validation_split(len(src.X_train), task=plan.task, y=src.y_train, seed=plan.spec.seed)
-    res = compress(model, src.project.compress, task=plan.task,
-                   train=(src.X_train[fit], src.y_train[fit]), val=(src.X_train[val], src.y_train[val]),
-                   target=plan.profile, max_batch=plan.max_batch, storage_budget=plan.storage_bytes,
-                   latency_budget_ms=plan.latency_budget_ms, spec=plan.spec, progress=prog)
-    prog.info("compression candidates (* shipped):\n" + res.table())
+    res, data = search_variants(plan, model, prog)
     with BundleWriter(plan.out) as writer:
         checked = verify_and_measure(plan, res.export, writer.path, NullProgress())
         manifest = bundle_manifest(
             plan, res.export, res.model, quantization=res.shipped.quantization,
             prune=res.shipped.prune, candidates=res.candidates, shipped=res.shipped,
             reference=reference, shipped_metrics=checked.metrics, checked=checked,
-            build=dict(command="compress", source_model=str(model_path),
-                       data=_data_info(plan, train_rows=len(fit), validation_rows=len(val))))
+            build=dict(command="compress", source_model=str(model_path), data=data))
         bundle = write_bundle(writer, plan, manifest, checked, res.candidates, res.shipped)
     return _result(plan, bundle, t0, res.export)
 
@@ -370,6 +365,20 @@ def choose_variant(plan: Plan, model: nn.Module, progress: Progress) -> BuildCho
     if choice.search is not None:
         progress.info("compression candidates (* shipped):\n" + choice.table())
     return choice
+
+
+def search_variants(plan: Plan, model: nn.Module, progress: Progress
+                    ) -> tuple[CompressResult, DataInfo]:
+    """The compression search over a trained ``model``: fine-tuned on the training rows
+    less a validation split, scored on that split; the result and the rows it used."""
+    src = plan.source
+    fit, val = validation_split(len(src.X_train), task=plan.task, y=src.y_train, seed=plan.spec.seed)
+    res = compress(model, src.project.compress, task=plan.task,
+                   train=(src.X_train[fit], src.y_train[fit]), val=(src.X_train[val], src.y_train[val]),
+                   target=plan.profile, max_batch=plan.max_batch, storage_budget=plan.storage_bytes,
+                   latency_budget_ms=plan.latency_budget_ms, spec=plan.spec, progress=progress)
+    progress.info("compression candidates (* shipped):\n" + res.table())
+    return res, _data_info(plan, train_rows=len(fit), validation_rows=len(val))
 
 
 def export_variant(plan: Plan, model: nn.Module, quantization: Quantization,
