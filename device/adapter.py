@@ -369,4 +369,5 @@ def load_program(
         return NativeProgram(source, threads=threads)
     if adapter == "pybind":
         return PybindProgram(source, threads=threads)
-    raise BundleError(f"unknown runtime adapter '{adapter}'; available: {', '.join(have) or 'none'}")
+    raise BundleError(f"unknown runtime adapter '{adapter}'; "
+                      f"available: {', '.join(have) or 'none'}")

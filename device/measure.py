@@ -20,7 +20,8 @@ import numpy as np
 __all__ = ["measure_program"]
 
 
-def measure_program(path: str, batches: list[int], *, threads: int = 1, adapter: str = "auto") -> dict:
+def measure_program(path: str, batches: list[int], *, threads: int = 1,
+                    adapter: str = "auto") -> dict:
     """Load ``path`` and return the peak RSS increase over the loaded program per batch
     size, read through the process-wide peak probe (VmHWM reset before each batch)."""
     from ..probes import peak_probe, rss_bytes

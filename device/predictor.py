@@ -1,7 +1,7 @@
 """Memory-budgeted inference over any number of rows.
 
     from toma_edge.device.predictor import Predictor
-    p = Predictor("dist/rpi4", budget="512MiB", threads=1)   # BudgetError if the baseline alone is over
+    p = Predictor("dist/rpi4", budget="512MiB", threads=1)   # BudgetError: baseline alone over
     pred = p.predict(np.random.rand(100_000, 10))             # any number of rows, any real dtype
     pred.outputs.shape, pred.classes                          # (100000, 1), None (regression)
     p.batch_size, p.working_budget_bytes, p.baseline_bytes    # rows, bytes, bytes
@@ -110,8 +110,9 @@ class Predictor:
         if start < 1:
             need = m.memory.peak_for_batch(1)
             raise BudgetError(
-                f"{m.name} needs {format_size(need)} at batch 1 but the {format_size(self.budget.bytes)} "
-                f"budget ({self.budget.source}) leaves {format_size(self.working_budget_bytes)} after "
+                f"{m.name} needs {format_size(need)} at batch 1 but the "
+                f"{format_size(self.budget.bytes)} budget ({self.budget.source}) leaves "
+                f"{format_size(self.working_budget_bytes)} after "
                 f"the {format_size(self.baseline_bytes)} baseline; raise the budget to at least "
                 f"{format_size(self.baseline_bytes + need + (1 << 20))}"
             )
@@ -178,7 +179,8 @@ class Predictor:
             self._user_on_event(e)
 
     # -- input --------------------------------------------------------------------------
-    def validate(self, rows: Any, *, first_row: int = 0, finite_checked: bool = False) -> np.ndarray:
+    def validate(self, rows: Any, *, first_row: int = 0,
+                 finite_checked: bool = False) -> np.ndarray:
         """Rows as a C-contiguous float32 array ``(n, *row_shape)``; InputError if the
         width, dtype or a value is wrong (``first_row`` numbers rows in messages).
         ``finite_checked``: the caller (a streaming reader) already refused non-finite
@@ -196,7 +198,8 @@ class Predictor:
                     f"rows must be a list of {spec.width} numbers each (same length); {e}"
                 ) from e
         if x.dtype.kind not in "fiu":
-            raise InputError(f"rows must be real numbers, got dtype {x.dtype}; convert them to float32")
+            raise InputError(f"rows must be real numbers, got dtype {x.dtype}; "
+                             "convert them to float32")
         if x.ndim == 1 and len(want) == 1 and x.shape[0] == want[0] and x.shape[0] != 0:
             raise InputError(
                 f"got one flat row of {x.shape[0]} values; pass rows as a 2-D array "
@@ -223,8 +226,8 @@ class Predictor:
                 r = int(np.argmin(flat.all(axis=1)))
                 c = int(np.argmin(flat[r]))
                 raise InputError(
-                    f"row {first_row + r} has a non-finite value ({x.reshape(len(x), -1)[r, c]}) in "
-                    f"column {c} (NaN, inf or beyond float32's range); clean or drop that row"
+                    f"row {first_row + r} has a non-finite value ({x.reshape(len(x), -1)[r, c]}) "
+                    f"in column {c} (NaN, inf or beyond float32's range); clean or drop that row"
                 )
         return x
 

@@ -143,7 +143,8 @@ def run(
             if writer is None:  # after the first block: the CSV header is known
                 writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
                                      header=reader.had_header, classes=classes)
-            p = pred.predict(chunk.rows, first_row=chunk.first_line, finite_checked=chunk.finite_checked)
+            p = pred.predict(chunk.rows, first_row=chunk.first_line,
+                             finite_checked=chunk.finite_checked)
             writer.write(p.outputs, p.classes)
             done += len(p)
             shown.advance(len(p), total=reader.total_rows)

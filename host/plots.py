@@ -38,7 +38,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def plot_predictions(path: Path, y_true: np.ndarray, y_pred: np.ndarray, *, title: str = "") -> Path:
+def plot_predictions(path: Path, y_true: np.ndarray, y_pred: np.ndarray, *,
+                     title: str = "") -> Path:
     """Scatter of true against predicted values (every output), with the y = x line."""
     from sklearn.metrics import r2_score
 
@@ -88,7 +89,8 @@ def plot_confusion(path: Path, y_true: np.ndarray, y_pred: np.ndarray, *,
     return path
 
 
-def plot_candidates(path: Path, candidates: Sequence[Candidate], *, shipped: Candidate | None = None) -> Path:
+def plot_candidates(path: Path, candidates: Sequence[Candidate], *,
+                    shipped: Candidate | None = None) -> Path:
     """Validation metric against .pte size (KiB) per candidate; crosses do not fit."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -123,8 +125,9 @@ def write_plots(out_dir: str | Path, *, task: str, y_true: np.ndarray, y_pred: n
     if task == "regression":
         paths.append(plot_predictions(out / "predictions.png", y_true, y_pred, title=label))
     else:
-        paths.append(plot_confusion(out / "confusion.png", y_true, np.asarray(y_pred).argmax(axis=1),
-                                    classes=classes, title=label))
+        paths.append(plot_confusion(out / "confusion.png", y_true,
+                                    np.asarray(y_pred).argmax(axis=1), classes=classes,
+                                    title=label))
     if candidates:
         paths.append(plot_candidates(out / "candidates.png", candidates, shipped=shipped))
     return paths

@@ -1,7 +1,8 @@
 """Budget-driven gradient checkpointing for an ``nn.Sequential`` of blocks.
 
     import torch, toma_edge
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(24)])
+    block = lambda: torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU())
+    model = torch.nn.Sequential(*[block() for _ in range(24)])
     plan = toma_edge.plan_checkpointing(model, torch.randn(2048, 512), budget="64MiB")
     print(plan.segments, plan.predicted_peak_bytes)  # [(3, 5), ...] recomputed ranges, bytes
     fast = plan.apply(model)                         # same Parameters, same gradients

@@ -97,7 +97,8 @@ def load_project(path: str | Path) -> ProjectConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a project file must be a YAML mapping (name, task, model, data, ...)")
+        raise ConfigError(f"{p}: a project file must be a YAML mapping "
+                          "(name, task, model, data, ...)")
     if "root" in data:
         raise ConfigError(f"{p}: field 'root' is not a project setting")
     try:

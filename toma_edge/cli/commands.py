@@ -65,16 +65,27 @@ main.add_command(fleet)
 
 
 @main.command()
-@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias (see `toma-edge targets`).")
-@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None, help="Project file (toma-edge.yaml) of your own model; default: the built-in example.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Bundle folder [default: dist/<canonical target>/].")
-@click.option("--storage-budget", default=None, help="Model storage budget, e.g. 8MiB [default: the target's].")
-@click.option("--latency-budget", type=float, default=None, help="Batch-1 latency budget in milliseconds, measured on this host.")
-@click.option("--train-budget", default=None, help="Training memory budget, e.g. 1GiB [default: the target's].")
-@click.option("--memory-log", type=click.Path(dir_okay=False), default=None, help="Write RSS over time as JSONL here (and a PNG beside it).")
-@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 private key (PEM, PKCS#8): also write manifest.sig.")
+@click.option("--target", "-t", default="rpi", show_default=True,
+              help="Target profile name or alias (see `toma-edge targets`).")
+@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None,
+              help="Project file (toma-edge.yaml) of your own model; default: the built-in "
+                   "example.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Bundle folder [default: dist/<canonical target>/].")
+@click.option("--storage-budget", default=None,
+              help="Model storage budget, e.g. 8MiB [default: the target's].")
+@click.option("--latency-budget", type=float, default=None,
+              help="Batch-1 latency budget in milliseconds, measured on this host.")
+@click.option("--train-budget", default=None,
+              help="Training memory budget, e.g. 1GiB [default: the target's].")
+@click.option("--memory-log", type=click.Path(dir_okay=False), default=None,
+              help="Write RSS over time as JSONL here (and a PNG beside it).")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 private key (PEM, PKCS#8): also write manifest.sig.")
 @click.option("--archive", is_flag=True, help="Also write <out>.tar.gz of the bundle.")
-@click.option("--wheels", "wheels_dir", type=click.Path(file_okay=False), default=None, help="Also write the device's wheels for the target (see `toma-edge wheels`) into this folder.")
+@click.option("--wheels", "wheels_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the device's wheels for the target (see `toma-edge wheels`) into "
+                   "this folder.")
 @handle_errors
 def build(target: str, project: str | None, out: str | None, storage_budget: str | None,
           latency_budget: float | None, train_budget: str | None, memory_log: str | None,
@@ -112,8 +123,10 @@ def _write_wheels(target: str, out: str) -> None:
 
 
 @main.command()
-@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder for the wheels.")
+@click.option("--target", "-t", default="rpi", show_default=True,
+              help="Target profile name or alias.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True,
+              help="Folder for the wheels.")
 @handle_errors
 def wheels(target: str, out: str) -> None:
     """Write the wheels a device of TARGET installs from, with no build tools and no index:
@@ -123,7 +136,8 @@ def wheels(target: str, out: str) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): require a valid signature.")
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM): require a valid signature.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @handle_errors
 def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
@@ -136,23 +150,44 @@ def inspect(bundle: str, trust_key: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--http", "http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve HTTP on; 'off' for MQTT only.")
-@click.option("--mqtt", default=None, help="Broker URL (mqtt://USER@host[:port], mqtts:// for TLS): inference requests and telemetry; password from TOMA_EDGE_MQTT_PASSWORD.")
-@click.option("--device-id", default=None, help="This device's id in topics [default: the hostname].")
+@click.option("--http", "http", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT to serve HTTP on; 'off' for MQTT only.")
+@click.option("--mqtt", default=None,
+              help="Broker URL (mqtt://USER@host[:port], mqtts:// for TLS): inference requests and"
+                   " telemetry; password from TOMA_EDGE_MQTT_PASSWORD.")
+@click.option("--device-id", default=None,
+              help="This device's id in topics [default: the hostname].")
 @click.option("--fleet", default="default", show_default=True, help="Fleet name in topics.")
-@click.option("--budget", default=None, help="Peak RSS of the whole process, e.g. 512MiB [default: the bundle target's].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
-@click.option("--telemetry-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds per telemetry message.")
-@click.option("--spool", type=click.Path(dir_okay=False), default=None, help="Telemetry spool file [default: ~/.local/state/toma-edge/<fleet>-<device>.spool.db].")
-@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False), default=None, help="File with the bearer token that POST /v1/model needs (off without it).")
-@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): serve only bundles it signed.")
-@click.option("--password-file", type=click.Path(dir_okay=False), default=None, help="File with the MQTT password [default: $TOMA_EDGE_MQTT_PASSWORD]; never on the command line.")
-@click.option("--ca-file", type=click.Path(dir_okay=False), default=None, help="CA certificate (PEM) of an mqtts:// broker [default: the system's CAs].")
-@click.option("--cert-file", type=click.Path(dir_okay=False), default=None, help="Client certificate (PEM), where the broker asks for one.")
-@click.option("--key-file", type=click.Path(dir_okay=False), default=None, help="Private key (PEM) of --cert-file.")
-@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds a client may take to send a request's head (and, scaled by size, its body).")
-@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds an idle keep-alive HTTP connection stays open.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True, help="Open HTTP connections at most; beyond it the longest-idle one is closed.")
+@click.option("--budget", default=None,
+              help="Peak RSS of the whole process, e.g. 512MiB [default: the bundle target's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
+@click.option("--telemetry-interval", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True,
+              help="Seconds per telemetry message.")
+@click.option("--spool", type=click.Path(dir_okay=False), default=None,
+              help="Telemetry spool file [default: "
+                   "~/.local/state/toma-edge/<fleet>-<device>.spool.db].")
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with the bearer token that POST /v1/model needs (off without it).")
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM): serve only bundles it signed.")
+@click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+              help="File with the MQTT password [default: $TOMA_EDGE_MQTT_PASSWORD]; never on the "
+                   "command line.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="CA certificate (PEM) of an mqtts:// broker [default: the system's CAs].")
+@click.option("--cert-file", type=click.Path(dir_okay=False), default=None,
+              help="Client certificate (PEM), where the broker asks for one.")
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+              help="Private key (PEM) of --cert-file.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's head (and, scaled by size, its "
+                   "body).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds an idle keep-alive HTTP connection stays open.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Open HTTP connections at most; beyond it the longest-idle one is closed.")
 @handle_errors
 def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet: str,
           budget: str | None, threads: int | None, telemetry_interval: float, spool: str | None,
@@ -177,11 +212,17 @@ def serve(bundle: str, http: str, mqtt: str | None, device_id: str | None, fleet
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", default="rpi", show_default=True, help="Target profile name or alias (see `toma-edge targets`).")
-@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None, help="Project file giving the data, the model factory (for a state_dict) and compress: settings; default: the built-in example.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Bundle folder [default: dist/<canonical target>/].")
-@click.option("--storage-budget", default=None, help="Model storage budget, e.g. 8MiB [default: the target's].")
-@click.option("--latency-budget", type=float, default=None, help="Batch-1 latency budget in milliseconds, measured on this host.")
+@click.option("--target", "-t", default="rpi", show_default=True,
+              help="Target profile name or alias (see `toma-edge targets`).")
+@click.option("--project", "-p", type=click.Path(dir_okay=False), default=None,
+              help="Project file giving the data, the model factory (for a state_dict) and "
+                   "compress: settings; default: the built-in example.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Bundle folder [default: dist/<canonical target>/].")
+@click.option("--storage-budget", default=None,
+              help="Model storage budget, e.g. 8MiB [default: the target's].")
+@click.option("--latency-budget", type=float, default=None,
+              help="Batch-1 latency budget in milliseconds, measured on this host.")
 @handle_errors
 def compress(model: str, target: str, project: str | None, out: str | None,
              storage_budget: str | None, latency_budget: float | None) -> None:
@@ -205,13 +246,21 @@ def compress(model: str, target: str, project: str | None, out: str | None,
 
 @main.command("run")
 @click.argument("bundle", type=click.Path())
-@click.option("--input", "-i", "input_", required=True, help="Rows to run: a .csv, .npy or .jsonl file, or - for stdin.")
-@click.option("--output", "-o", required=True, help="Where outputs go: .csv, .npy or .jsonl, or - for stdout.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "jsonl"]), default=None, help="Format of - (stdin/stdout) and of files without a known extension [default: csv].")
-@click.option("--budget", default=None, help="Peak RSS budget of the whole process, e.g. 512MiB [default: the target's].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
-@click.option("--skip-bad", is_flag=True, help="Skip and count bad rows instead of stopping at the first.")
-@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Ed25519 public key (PEM): require a valid signature.")
+@click.option("--input", "-i", "input_", required=True,
+              help="Rows to run: a .csv, .npy or .jsonl file, or - for stdin.")
+@click.option("--output", "-o", required=True,
+              help="Where outputs go: .csv, .npy or .jsonl, or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "jsonl"]), default=None,
+              help="Format of - (stdin/stdout) and of files without a known extension [default: "
+                   "csv].")
+@click.option("--budget", default=None,
+              help="Peak RSS budget of the whole process, e.g. 512MiB [default: the target's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="XNNPACK threads [default: the target's, at most this machine's CPUs].")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip and count bad rows instead of stopping at the first.")
+@click.option("--trust-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM): require a valid signature.")
 @handle_errors
 def run_rows(bundle: str, input_: str, output: str, fmt: str | None, budget: str | None,
              threads: int | None, skip_bad: bool, trust_key: str | None) -> None:
