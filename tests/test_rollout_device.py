@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from bundle_tools import with_version
+from hypothesis import given
+from hypothesis import strategies as st
 from mqtt_fixtures import Broker, wait_until
 from test_service_http import ServiceProc
 
@@ -576,3 +578,40 @@ def test_release_that_cannot_start_after_a_swap_falls_back_at_once(
         assert "cannot start" in rb["reason"] and "\n" not in rb["reason"], rb
     finally:
         dev.stop()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
+                                                              max_size=4), max_leaves=20)
+_keys = st.sampled_from(["v", "rollout_id", "action", "bundle", "release", "deadline",
+                         "crash_limit", "health_window_s", "max_p99_ratio", "extra"])
+
+
+@given(st.dictionaries(_keys, _json, max_size=8) | st.binary(max_size=200))
+def test_any_job_payload_is_a_job_or_one_line_input_error(payload: Any) -> None:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    try:
+        job = rp.decode_job(data)
+    except InputError as e:
+        assert "\n" not in str(e) and len(str(e)) <= 300
+    else:
+        assert rp.decode_job(job.encode()) == job
+
+
+@given(st.integers(1, 300_000), st.integers(1024, rp.MAX_CHUNK_BYTES))
+def test_chunking_covers_the_archive_exactly(size: int, chunk: int) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as f:
+        data = os.urandom(size)
+        f.write(data)
+        f.flush()
+        parts = rp.chunk_archive(f.name, chunk)
+    assert b"".join(parts.chunks) == data
+    assert [len(c) for c in parts.chunks] == [parts.bundle.chunk_size(n)
+                                             for n in range(parts.bundle.chunks)]
+    job = rp.JobDocument(rollout_id="r", action="install", bundle=parts.bundle,
+                         release={"name": "m", "version": "1"}, deadline=1.0)
+    assert rp.decode_job(job.encode()).bundle == parts.bundle
