@@ -32,10 +32,9 @@ from typing import Any
 import pytest
 from bundle_tools import with_version
 from mqtt_fixtures import Broker, start_collector, wait_until
-from test_rollout_device import slow_bundle  # noqa: F401  (a fixture: 20x slower, same contract)
 from test_service_http import ServiceProc
 
-from toma_edge.bundle import make_archive, sign_manifest
+from toma_edge.bundle import SIGNATURE_NAME, make_archive, sign_manifest
 from toma_edge.host.fleet.rollout import parse_percent, parse_rate, plan_waves
 from toma_edge.host.fleet.store import open_store
 
@@ -151,8 +150,9 @@ class Device:
 class Load:
     """HTTP requests to some devices all along; every answer that is not 200 is kept."""
 
-    def __init__(self, devs: list[Device]) -> None:
+    def __init__(self, devs: list[Device], rows: dict[str, int]) -> None:
         self.devs = devs
+        self.rows = rows  # rows per request, by device id (default 4)
         self.ok = 0
         self.failed: list[Any] = []
         self._stop = threading.Event()
@@ -165,7 +165,7 @@ class Load:
                 if d.proc is None:
                     continue
                 try:
-                    s, body = d.proc.predict([[0.1] * 10] * 4)
+                    s, body = d.proc.predict([[0.1] * 10] * self.rows.get(d.device_id, 4))
                 except OSError as e:
                     self.failed.append((d.device_id, repr(e)))
                     continue
@@ -194,7 +194,8 @@ class Fleet:
         self.collector, self.key, self.load = collector, key, load
         self.n = 0
 
-    def bundle(self, src: Path, version: str, *, sign: bool = True, **manifest: Any) -> Path:
+    def bundle(self, src: Path, version: str, *, sign: bool | None = True,
+               **manifest: Any) -> Path:
         d = with_version(src, self.tmp / f"b-{version}", version)
         if manifest:
             p = d / "manifest.json"
@@ -203,6 +204,9 @@ class Fleet:
             p.write_text(json.dumps(m, indent=2) + "\n")
         if sign:
             sign_manifest(d, self.key)
+        elif sign is False:
+            (d / SIGNATURE_NAME).unlink()
+        # sign=None: the signature of the bundle copied, stale for the new manifest
         return make_archive(d, self.tmp / f"b-{version}.tar.gz")
 
     def deploy_args(self, bundle: Path, *extra: str) -> list[str]:
@@ -271,7 +275,8 @@ def fleet(mqtt_broker: Broker, example_bundle: Path,
         with open_store(db) as s:
             wait_until(lambda: set(s.fleet_device_ids(FLEET)) >= set(DEVICES), 30,
                        "every device in the store")
-        load = Load([devices[d] for d in LOADED])
+        # the canary's requests are of 64 rows: the slow bundle's cost grows with them
+        load = Load([devices[d] for d in LOADED], {"dev-0": 64})
         yield Fleet(mqtt_broker, tmp, devices, db, collector, priv, load)
     finally:
         if load is not None:
@@ -377,13 +382,15 @@ def test_misfit_is_refused_on_small_devices_with_the_figures(fleet: Fleet) -> No
     f.check_clean()
 
 
-def test_unsigned_bundle_is_refused_by_the_canary_and_goes_nowhere(fleet: Fleet) -> None:
+@pytest.mark.parametrize("sign, word", [(False, "unsigned"), (None, "signature check failed")])
+def test_unsigned_or_tampered_bundle_is_refused_by_the_canary_and_goes_nowhere(
+        fleet: Fleet, sign: bool | None, word: str) -> None:
     f = fleet
     before = f.serving()
-    r = f.deploy(f.bundle(f.tmp / "v1", "unsigned", sign=False), "--canary", "1")
+    r = f.deploy(f.bundle(f.tmp / "v1", f"bad-{word[:8]}", sign=sign), "--canary", "1")
     assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
     line = r.stderr.strip().splitlines()[-1]
-    assert "aborted" in line and "unsigned" in line, line
+    assert "aborted" in line and word in line, line
     rid = r.stdout.splitlines()[0]
     ev = f.events(rid)
     assert ev["dev-0"][0] == "received" and ev["dev-0"][-1] == "refused", ev["dev-0"]
@@ -392,8 +399,40 @@ def test_unsigned_bundle_is_refused_by_the_canary_and_goes_nowhere(fleet: Fleet)
     assert f.serving() == before
 
 
+@pytest.fixture(scope="module")
+def slow_bundle(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example with a wide fp32 MLP (same contract, max batch 64): ~20x slower than the
+    example on the canary's 64-row requests."""
+    import hashlib
+
+    import torch
+
+    from toma_edge.host.export import export_program
+    from toma_edge.host.measure import measure_peaks
+
+    torch.manual_seed(0)
+    w = 1536
+    net = torch.nn.Sequential(torch.nn.Linear(10, w), torch.nn.ReLU(), torch.nn.Linear(w, w),
+                              torch.nn.ReLU(), torch.nn.Linear(w, w), torch.nn.ReLU(),
+                              torch.nn.Linear(w, 1))
+    m = json.loads((example_bundle / "manifest.json").read_text())
+    m["max_batch"] = 64
+    res = export_program(net, torch.zeros(2, 10), max_batch=64, quantize="fp32")
+    d = tmp_path_factory.mktemp("slow")
+    (d / "model.pte").write_bytes(res.pte)
+    meas = measure_peaks(d / "model.pte", 64)
+    m.update(version="slow", shipped="fp32", compression={"quantization": "fp32", "prune": 0.0})
+    m["memory"].update(pte_bytes=len(res.pte), planned_bytes=res.planned_bytes,
+                       measured_peak_bytes={k: int(v) for k, v in
+                                            meas["measured_peak_bytes"].items()})
+    m["files"] = {"model.pte": {"sha256": hashlib.sha256(res.pte).hexdigest(),
+                                "bytes": len(res.pte)}}
+    (d / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    return d
+
+
 def test_slow_bundle_fails_the_canary_window_and_rolls_back(
-        fleet: Fleet, slow_bundle: Path) -> None:  # noqa: F811
+        fleet: Fleet, slow_bundle: Path) -> None:
     f = fleet
     before = f.serving()
     d = with_version(slow_bundle, f.tmp / "slow", "slow")
@@ -411,45 +450,66 @@ def test_slow_bundle_fails_the_canary_window_and_rolls_back(
     assert all(ev[x] == [] for x in DEVICES[1:]), ev
     assert f.serving() == before
     assert failed == [], failed[:3]
+    with f.store() as s:
+        fail = next(json.loads(e["fields"]) for e in s.rollout_events(FLEET)
+                    if e["kind"] == "rollout.failed" and rid in e["fields"])
+    print(f"\nslow canary: p99 {fail['p99_s'] * 1000:.1f} ms vs {fail['prev_p99_s'] * 1000:.1f} ms "
+          f"before; rollout aborted, 9 devices never received it; {ok} requests, 0 failed")
 
 
-def test_device_and_controller_sigkilled_mid_rollout_both_resume(fleet: Fleet) -> None:
+def test_device_and_controller_sigkilled_mid_rollout_both_resume(
+        fleet: Fleet, slow_bundle: Path) -> None:
+    """The 17 MB fp32 bundle (133 chunks) to the devices without request load (where it is
+    healthy): one is SIGKILLed while it downloads, the controller right after."""
     f = fleet
-    bundle = f.bundle(f.tmp / "v1", "v5")
+    targets = [d for d in DEVICES if d not in LOADED]
+    d = with_version(slow_bundle, f.tmp / "big", "big")
+    sign_manifest(d, f.key)
+    bundle = make_archive(d, f.tmp / "big.tar.gz")
     env = f.broker.env("deployer")
-    log = f.tmp / "deploy-v5.log"
+    log = f.tmp / "deploy-big.log"
+    args = f.deploy_args(bundle, "--canary", "2", "--rate", "constant:5")
+    args[args.index("--devices") + 1] = ",".join(targets)
     with open(log, "w") as out:
-        ctl = subprocess.Popen([sys.executable, "-m", "toma_edge.cli",
-                                *f.deploy_args(bundle, "--canary", "2", "--rate", "constant:4",
-                                               "--chunk-bytes", "4096")],
+        ctl = subprocess.Popen([sys.executable, "-m", "toma_edge.cli", *args],
                                env=env, stdout=subprocess.PIPE, stderr=out, text=True)
     assert ctl.stdout is not None
     rid = ctl.stdout.readline().strip()
-    # a device of wave 1 is SIGKILLed as soon as it took the job, the controller right after
-    victim = f.devices["dev-3"]
-    with f.store() as s:
-        wait_until(lambda: any(d["device_id"] == "dev-3" and d["state"] != "pending"
-                               and d["state"] != "sent" for d in s.rollout_devices(rid))
-                   or ctl.poll() is not None, 90, "dev-3 to take its job")
+    victim = f.devices["dev-4"]  # wave 1: SIGKILLed while its chunk files arrive
+    folder = victim.state / "rollouts" / rid
+    deadline = time.monotonic() + 120
+    while not 5 <= len(list(folder.glob("chunk-*"))) < 133:
+        assert time.monotonic() < deadline and ctl.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.005)
     victim.stop(signal.SIGKILL)
     ctl.send_signal(signal.SIGKILL)
     ctl.wait(10)
     with f.store() as s:
+        killed_at = {d["device_id"]: d["state"] for d in s.rollout_devices(rid)}
         sent_before = {d["device_id"]: d["sent_at"] for d in s.rollout_devices(rid)}
         assert s.rollout(rid)["state"] == "running"
     victim.start()
     r = _cli("fleet", "rollout", rid, "--resume", "--db", str(f.db), "--mqtt",
-             f.broker.url("deployer"), env=env, timeout=180)
+             f.broker.url("deployer"), env=env, timeout=240)
     assert r.returncode == 0, (r.stdout, r.stderr[-3000:], log.read_text()[-2000:])
-    assert "10 of 10 devices healthy" in r.stdout, r.stdout
-    assert set(f.serving().values()) == {"v5"}
+    assert f"{len(targets)} of {len(targets)} devices healthy" in r.stdout, r.stdout
+    serving = f.serving()
+    assert all(serving[x] == "big" for x in targets) and \
+        all(serving[x] != "big" for x in LOADED), serving
     with f.store() as s:
         after = {d["device_id"]: d["sent_at"] for d in s.rollout_devices(rid)}
+        downs = [json.loads(e["fields"]) for e in s.rollout_events(FLEET)
+                 if e["device_id"] == "dev-4" and e["kind"] == "rollout.downloaded"
+                 and rid in e["fields"]]
+    assert len(downs) == 1 and downs[0]["resumed_chunks"] >= 5, downs  # killed mid-download
     # nothing sent twice: a device sent before the kill kept its send time
-    assert all(after[d] == t for d, t in sent_before.items() if t is not None)
+    assert all(after[x] == t for x, t in sent_before.items() if t is not None)
     ev = f.events(rid)
-    assert all(k.count("received") == 1 and k.count("healthy") == 1 for k in ev.values()), ev
+    assert all(ev[x].count("received") == 1 and ev[x].count("healthy") == 1
+               for x in targets), ev
     f.check_clean()
+    print(f"\nkilled dev-4 and the controller with the devices at {killed_at}; dev-4 "
+          f"downloaded after its restart keeping {downs[0]['resumed_chunks']} of 133 chunks")
     # a rollout that ended cannot be aborted; one line, exit 2
     a = _cli("fleet", "rollout", rid, "--abort", "--db", str(f.db), "--mqtt",
              f.broker.url("deployer"), env=env)
