@@ -182,11 +182,13 @@ def status(db: str) -> None:
     memory headroom against the budget, error rate."""
     from rich.console import Console
 
-    from ..host.fleet.report import fleet_status_table
+    from ..host.fleet.report import fleet_status_table, rollouts_table
 
     store = open_db(db)
     try:
         Console(width=200).print(fleet_status_table(store.devices()))
+        if recent := store.rollouts(limit=3):  # the model column is each device's release
+            Console(width=200).print(rollouts_table(store, recent))
     finally:
         store.close()
 
