@@ -340,6 +340,9 @@ class RolloutRunner:
                         break
                     out.write(data)
                     left -= len(data)
+        except urllib.error.HTTPError as e:
+            raise Refused(f"cannot fetch the bundle from {b.url[:200]}: HTTP {e.code} "
+                          f"{e.reason}") from e
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise Refused(f"cannot fetch the bundle from {b.url[:200]}: "
                           f"{getattr(e, 'reason', None) or e}") from e

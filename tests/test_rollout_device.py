@@ -332,10 +332,21 @@ def test_unsigned_bundle_refused_with_trust_key(
         assert "unsigned" in r["reason"], r
         v3 = with_version(example_bundle, tmp_path / "v3", "v3")
         sign_manifest(v3, priv)
-        dep.install("dev-2", "r-signed-1", make_archive(v3, tmp_path / "v3.tar.gz"),
-                    version="v3", health_window_s=1.0)
+        web = tmp_path / "web"
+        web.mkdir()
+        make_archive(v3, web / "v3.tar.gz")
+        base, srv = http_folder(web)  # this one comes from a URL given in the job
+        dep.install_url("dev-2", "r-signed-1", web / "v3.tar.gz", f"{base}/v3.tar.gz",
+                        version="v3", health_window_s=1.0)
         assert ev.wait(rp.VERIFIED, rollout_id="r-signed-1")["signed"] is True
         ev.wait(rp.HEALTHY, 30, rollout_id="r-signed-1")
+        assert dev.serving() == "v3"
+        # a URL that answers 404: refused in one line, still serving v3
+        dep.install_url("dev-2", "r-404-1", web / "v3.tar.gz", f"{base}/nothing.tar.gz",
+                        version="v4")
+        r = ev.wait(rp.REFUSED, 60, rollout_id="r-404-1")
+        assert "cannot fetch the bundle" in r["reason"] and "404" in r["reason"], r
+        srv.shutdown()
         assert dev.serving() == "v3"
     finally:
         dev.stop()
@@ -410,16 +421,18 @@ def test_slow_bundle_is_rolled_back_by_the_device_within_the_health_window(
     load = Load(dev)
     try:
         time.sleep(2.0)
-        # 17 MB: too many chunks for one job document, so the device fetches it by URL
-        make_archive(slow_bundle, tmp_path / "slow.tar.gz")
-        base, srv = http_folder(tmp_path)
-        dep.install_url("dev-4", "r-slow-1", tmp_path / "slow.tar.gz", f"{base}/slow.tar.gz",
-                        version="slow", health_window_s=8.0, max_p99_ratio=3.0)
+        # 17 MB in 128 KiB chunks over the broker
+        archive = make_archive(slow_bundle, tmp_path / "slow.tar.gz")
+        parts = rp.chunk_archive(archive)
+        rp.publish_job(dep.c, FLEET, "dev-4", rp.JobDocument(
+            rollout_id="r-slow-1", action="install", bundle=parts.bundle,
+            release={"name": "m", "version": "slow"}, health_window_s=8.0, max_p99_ratio=3.0,
+            deadline=time.time() + 600), parts)
+        down = ev.wait(rp.DOWNLOADED, 120, rollout_id="r-slow-1")
         ev.wait(rp.LIVE, 120, rollout_id="r-slow-1")
         t_live = time.monotonic()
         f = ev.wait(rp.FAILED, 30, rollout_id="r-slow-1")
         rb = ev.wait(rp.ROLLED_BACK, 30, rollout_id="r-slow-1")
-        srv.shutdown()
         assert time.monotonic() - t_live < 8.0 + 5
         assert "p99 latency" in f["reason"] and f["p99_s"] > 3 * f["prev_p99_s"], f
         assert rb["release"] == "v1"
@@ -427,7 +440,9 @@ def test_slow_bundle_is_rolled_back_by_the_device_within_the_health_window(
         assert load.failed == [], load.failed[:3]
         assert dev.serving() == "v1" and dev.current() == "releases/v1"
         assert rp.HEALTHY not in ev.kinds()
-        print(f"\nslow bundle: p99 {f['p99_s'] * 1000:.1f} ms vs {f['prev_p99_s'] * 1000:.1f} ms"
+        print(f"\nslow bundle {parts.bundle.bytes} bytes in {parts.bundle.chunks} chunks: "
+              f"download {down['seconds']} s with requests flowing")
+        print(f"slow bundle: p99 {f['p99_s'] * 1000:.1f} ms vs {f['prev_p99_s'] * 1000:.1f} ms"
               f" before; rolled back {time.monotonic() - t_live:.1f} s after going live")
     finally:
         load.stop()
