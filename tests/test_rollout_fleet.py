@@ -514,3 +514,38 @@ def test_device_and_controller_sigkilled_mid_rollout_both_resume(
     a = _cli("fleet", "rollout", rid, "--abort", "--db", str(f.db), "--mqtt",
              f.broker.url("deployer"), env=env)
     assert a.returncode == 2 and "already ended" in a.stderr, a.stderr
+
+
+def test_operator_abort_rolls_back_every_device_that_took_it(fleet: Fleet) -> None:
+    """--no-wait records the rollout; --resume runs it; --abort from another shell while the
+    third wave is live: rollback jobs to every device that took it, the rest never get it."""
+    f = fleet
+    before = f.serving()
+    env = f.broker.env("deployer")
+    r = _cli(*f.deploy_args(f.bundle(f.tmp / "v1", "v6"), "--canary", "1", "--rate",
+                            "exponential:2,2", "--health-window", "4s", "--no-wait"), env=env)
+    assert r.returncode == 0, r.stderr
+    rid = r.stdout.strip()
+    assert f.states(rid) == {d: "pending" for d in DEVICES}  # nothing sent yet
+    log = f.tmp / "resume-v6.log"
+    with open(log, "w") as out:
+        ctl = subprocess.Popen([sys.executable, "-m", "toma_edge.cli", "fleet", "rollout", rid,
+                                "--resume", "--db", str(f.db), "--mqtt",
+                                f.broker.url("deployer")], env=env, stdout=out, stderr=out)
+    with f.store() as s:
+        wait_until(lambda: s.rollout(rid)["wave"] == 2 and any(
+            d["state"] == "live" for d in s.rollout_devices(rid) if d["wave"] == 2)
+            or ctl.poll() is not None, 90, "the third wave live")
+    a = _cli("fleet", "rollout", rid, "--abort", "--db", str(f.db), "--mqtt",
+             f.broker.url("deployer"), env=env)
+    assert a.returncode == 0 and "abort requested" in a.stdout, (a.stdout, a.stderr)
+    assert ctl.wait(90) == 1, log.read_text()[-3000:]
+    assert "aborted: aborted by the operator" in log.read_text(), log.read_text()[-2000:]
+    states = f.states(rid)
+    took = [d for d in DEVICES if states[d] == "rolled_back"]
+    assert len(took) >= 4 and "dev-0" in took, states  # waves 0, 1 and (some of) 2
+    assert all(states[d] in ("rolled_back", "skipped") for d in DEVICES), states
+    ev = f.events(rid)
+    assert all(ev[d] == [] for d in DEVICES if states[d] == "skipped"), ev
+    assert f.serving() == before
+    f.check_clean()
