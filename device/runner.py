@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..budget import format_size
 from ..errors import InputError
@@ -32,6 +33,8 @@ from ..probes import enable_exact_peaks, peak_probe, process_start_time
 from ..progress import Progress, as_progress
 from .loaders import (
     BadRow,
+    Format,
+    Reader,
     Writer,
     block_bytes_for,
     detect_format,
@@ -41,6 +44,9 @@ from .loaders import (
     prefetch,
     same_file,
 )
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 __all__ = ["RunSummary", "run"]
 
@@ -119,44 +125,22 @@ def run(
                          "another file")
     if exact_peaks:
         enable_exact_peaks()
-    from .predictor import Predictor
+    from .predictor import Predictor  # loads the runtime: at run time only
 
     if in_fmt == "csv":
         from .loaders import csv_block_parser
 
         csv_block_parser()  # import the CSV parser now: part of the baseline, not of the work
     pred = Predictor(bundle, budget=budget, threads=threads, trust_key=trust_key)
-    classes = pred.manifest.task == "classification"
     reader = open_reader(input, row_shape=pred.input_spec.row_shape, fmt=in_fmt,
                          block_bytes=block_bytes_for(pred.free_bytes, depth=depth),
                          skip_bad=skip_bad,
                          max_line_bytes=line_bytes_for(pred.input_spec.width, pred.free_bytes))
     t1 = time.perf_counter()
     startup = (time.time() - t0) if t_start is None else (t1 - t0)
-    writer: Writer | None = None
-    done = 0
-    shown = as_progress(progress)
-    shown.phase("inference", reader.total_rows)
     try:
-        chunks = prefetch(reader, depth=depth)
-        for chunk in chunks:
-            if writer is None:  # after the first block: the CSV header is known
-                writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
-                                     header=reader.had_header, classes=classes)
-            p = pred.predict(chunk.rows, first_row=chunk.first_line,
-                             finite_checked=chunk.finite_checked)
-            writer.write(p.outputs, p.classes)
-            done += len(p)
-            shown.advance(len(p), total=reader.total_rows)
-        if writer is None:  # empty input: still write an (empty) output
-            writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
-                                 header=reader.had_header, classes=classes)
-        writer.close()  # moved into place: the run finished
-        shown.done()
-    except BaseException:
-        if writer is not None:
-            writer.abort()  # the output path keeps what it held; no temporary file stays
-        raise
+        done = _stream(pred, reader, output, out_fmt, depth=depth,
+                       progress=as_progress(progress))
     finally:
         reader.close()
     seconds = time.perf_counter() - t1
@@ -168,3 +152,32 @@ def run(
         output_format=out_fmt,
     )
 
+
+def _stream(pred: Predictor, reader: Reader, output: str, out_fmt: Format, *, depth: int,
+            progress: Progress) -> int:
+    """Predict every chunk of ``reader`` into ``output``; the rows written. The output is
+    moved into place only when every row was written (else it keeps what it held)."""
+    classes = pred.manifest.task == "classification"
+    writer: Writer | None = None
+    done = 0
+    progress.phase("inference", reader.total_rows)
+    try:
+        for chunk in prefetch(reader, depth=depth):
+            if writer is None:  # after the first block: the CSV header is known
+                writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
+                                     header=reader.had_header, classes=classes)
+            p = pred.predict(chunk.rows, first_row=chunk.first_line,
+                             finite_checked=chunk.finite_checked)
+            writer.write(p.outputs, p.classes)
+            done += len(p)
+            progress.advance(len(p), total=reader.total_rows)
+        if writer is None:  # empty input: still write an (empty) output
+            writer = open_writer(output, n_outputs=pred.n_outputs, fmt=out_fmt,
+                                 header=reader.had_header, classes=classes)
+        writer.close()  # moved into place: the run finished
+        progress.done()
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # the output path keeps what it held; no temporary file stays
+        raise
+    return done
