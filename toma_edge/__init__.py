@@ -6,8 +6,10 @@
     toma_edge.MemoryBudget.parse("256MiB")
 
 The host SDK lives in ``toma_edge.host`` (training, compression, export, fleet
-collector), the device runtime in ``toma_edge.device``. This core imports neither, and
-no torch at import time.
+collector), the device runtime in ``toma_edge.device``, the command line in
+``toma_edge.cli``. This core imports neither host nor device, and no torch at import time:
+docs/architecture.md has the layers and the import rule (``scripts/import_graph.py``
+checks it).
 """
 
 from __future__ import annotations
