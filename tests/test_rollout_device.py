@@ -192,7 +192,7 @@ class Load:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                s, body = self.dev.proc.predict([[0.1] * 10] * 4)  # type: ignore[union-attr]
+                s, body = self.dev.proc.predict([[0.1] * 10] * 8)  # type: ignore[union-attr]
             except OSError as e:
                 self.failed.append(repr(e))
                 continue
@@ -426,7 +426,7 @@ def test_slow_bundle_is_rolled_back_by_the_device_within_the_health_window(
         parts = rp.chunk_archive(archive)
         rp.publish_job(dep.c, FLEET, "dev-4", rp.JobDocument(
             rollout_id="r-slow-1", action="install", bundle=parts.bundle,
-            release={"name": "m", "version": "slow"}, health_window_s=8.0, max_p99_ratio=3.0,
+            release={"name": "m", "version": "slow"}, health_window_s=8.0, max_p99_ratio=2.5,
             deadline=time.time() + 600), parts)
         down = ev.wait(rp.DOWNLOADED, 120, rollout_id="r-slow-1")
         ev.wait(rp.LIVE, 120, rollout_id="r-slow-1")
@@ -434,7 +434,7 @@ def test_slow_bundle_is_rolled_back_by_the_device_within_the_health_window(
         f = ev.wait(rp.FAILED, 30, rollout_id="r-slow-1")
         rb = ev.wait(rp.ROLLED_BACK, 30, rollout_id="r-slow-1")
         assert time.monotonic() - t_live < 8.0 + 5
-        assert "p99 latency" in f["reason"] and f["p99_s"] > 3 * f["prev_p99_s"], f
+        assert "p99 latency" in f["reason"] and f["p99_s"] > 2.5 * f["prev_p99_s"], f
         assert rb["release"] == "v1"
         load.stop()
         assert load.failed == [], load.failed[:3]
