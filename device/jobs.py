@@ -77,6 +77,16 @@ def _p99(values: list[float]) -> float | None:
     return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
 
 
+def _valid_marker(m: dict[str, Any]) -> bool:
+    """Whether a pending marker holds what a restart and a health watch need."""
+    kinds: dict[str, tuple[type, ...]] = {
+        "rollout_id": (str,), "from": (str,), "to": (str,), "crashes": (int,),
+        "crash_limit": (int,), "health_window_s": (int, float), "max_error_rate": (int, float),
+        "max_p99_ratio": (int, float), "budget_bytes": (int,)}
+    return all(isinstance(m.get(k), t) and not isinstance(m.get(k), bool)
+               for k, t in kinds.items())
+
+
 class _Download:
     """One install job's download in progress."""
 
@@ -131,6 +141,10 @@ class RolloutRunner:
         pending = self.rel.read_pending()
         if pending is None:
             return serve
+        if not _valid_marker(pending):
+            log.error("rollout pending marker %s is damaged; dropped", self.rel.pending_path)
+            self.rel.clear_pending()
+            return serve
         if pending.get("clean_stop"):
             pending["clean_stop"] = False
         else:
@@ -147,7 +161,7 @@ class RolloutRunner:
     def load_failed(self, error: Exception) -> str | None:
         """The release to serve when the one on probation cannot even load; None if none."""
         pending = self.rel.read_pending()
-        if pending is None:
+        if pending is None or not _valid_marker(pending):
             return None
         return self._crash_rollback(pending, f"the new release cannot start: {error}"[:500])
 
@@ -155,6 +169,13 @@ class RolloutRunner:
         back = Path(str(pending.get("from", "")))
         fields = {"rollout_id": pending.get("rollout_id"), "version": pending.get("version"),
                   "sha256": pending.get("sha256")}
+        if not back.is_dir():
+            log.error("rollout %s: %s, but the previous release %s is gone; keeping the new "
+                      "one", fields["rollout_id"], reason, back)
+            self.rel.clear_pending()
+            self._startup_events.append((rp.FAILED, {
+                **fields, "reason": f"{reason}; the previous release is gone"[:500]}))
+            return str(self.rel.current_link)
         log.error("rollout %s: %s; starting the previous release %s", fields["rollout_id"],
                   reason, back)
         self.rel.back(back)
