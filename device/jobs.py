@@ -527,6 +527,8 @@ class RolloutRunner:
             self.rel.clear_pending()
             self.rel.remember(str(w["rollout_id"]), "install", rp.HEALTHY, **{
                 "from": str(w["from"]), "to": str(w["to"])})
+            for gone in self.rel.prune():
+                log.info("removed the old release %s", gone.name)
             self._event(rp.HEALTHY, {**fields, **figures})
 
     def _go_back(self, w: dict[str, Any], reason: str) -> None:

@@ -149,6 +149,18 @@ class Releases:
         os.replace(tmp, dest)
         return dest
 
+    def prune(self, keep: int = 3) -> list[Path]:
+        """Remove release folders beyond the newest ``keep`` (by mtime), never ``current``
+        or ``previous``; returns what was removed."""
+        used = {p for p in (self.current(), self.previous()) if p is not None}
+        folders = sorted((p for p in self.releases.iterdir()
+                          if p.is_dir() and not p.name.startswith(".")),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        gone = [p for p in folders[keep:] if p.resolve() not in used]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return gone
+
     def clean_temp(self) -> None:
         """Remove half-unpacked folders a killed process left behind."""
         for p in self.releases.glob(".tmp-*"):

@@ -630,3 +630,28 @@ def test_chunking_covers_the_archive_exactly(size: int, chunk: int) -> None:
     job = rp.JobDocument(rollout_id="r", action="install", bundle=parts.bundle,
                          release={"name": "m", "version": "1"}, deadline=1.0)
     assert rp.decode_job(job.encode()).bundle == parts.bundle
+
+
+def test_releases_switch_atomically_and_prune_spares_current_and_previous(
+        tmp_path: Path) -> None:
+    from toma_edge.device.releases import Releases
+
+    rel = Releases(tmp_path / "state", tmp_path / "state" / "releases")
+    folders = []
+    for i in range(5):
+        d = rel.releases / f"r{i}"
+        d.mkdir()
+        os.utime(d, (1000 + i, 1000 + i))
+        folders.append(d)
+    rel.switch(folders[0], serving=folders[1])  # the two oldest are in use
+    assert rel.current() == folders[0].resolve() and rel.previous() == folders[1].resolve()
+    assert os.readlink(rel.current_link) == "releases/r0"
+    gone = rel.prune(keep=2)
+    assert sorted(p.name for p in gone) == ["r2"]
+    assert sorted(p.name for p in rel.releases.iterdir()) == ["r0", "r1", "r3", "r4"]
+    rel.back(folders[1])
+    assert rel.current() == folders[1].resolve() and rel.previous() is None
+    rel.remember("r-1", "install", rp.HEALTHY, to="x")
+    assert rel.outcome("r-1", "install")["state"] == rp.HEALTHY  # type: ignore[index]
+    (rel.rollouts / "state.json").write_bytes(b"{not json")
+    assert rel.outcome("r-1", "install") is None  # damaged: forgotten, not a crash
