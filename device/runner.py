@@ -35,15 +35,13 @@ from .loaders import (
     BadRow,
     Format,
     Reader,
-    Writer,
     block_bytes_for,
     detect_format,
     line_bytes_for,
     open_reader,
-    open_writer,
     prefetch,
-    same_file,
 )
+from .writers import Writer, open_writer, same_file
 
 if TYPE_CHECKING:
     from .predictor import Predictor

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toma_edge.device.loaders import NpyReader, open_reader, open_writer, prefetch
+from toma_edge.device.loaders import NpyReader, open_reader, prefetch
 from toma_edge.device.predictor import Predictor
 from toma_edge.device.runner import run
+from toma_edge.device.writers import open_writer
 from toma_edge.errors import InputError
 
 
