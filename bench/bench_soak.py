@@ -438,8 +438,8 @@ def main() -> None:
     peak = max((m for _, m in samples), default=float("nan"))
     not_ok = [h for h in health if h != "ok/taking"]
     c = dict(sorted(st.c.items()))
-    bad = {k: v for k, v in c.items() if "wrong" in k or "5xx" in k or "lost" in k
-           or "unanswered" in k or k.startswith("http_valid_status")}
+    bad = {k: v for k, v in c.items() if v and ("wrong" in k or "5xx" in k or "lost" in k
+           or "unanswered" in k or k.startswith("http_valid_status"))}
     lines = [
         f"## Soak: {elapsed:.0f} s of mixed valid and hostile traffic (`python bench/bench_soak.py"
         f" --seconds {args.seconds:.0f}`)",
