@@ -113,7 +113,7 @@ def test_impossible_budget_fails_clearly_and_writes_no_bundle(tmp_path: Path) ->
 
 
 def test_example_bundle_records_its_candidate_and_pictures(example_bundle: Path) -> None:
-    from toma_edge.manifest import sha256_file
+    from toma_edge.bundle import sha256_file
 
     m = json.loads((example_bundle / "manifest.json").read_text())
     assert m["compression"] == {"quantization": "int8", "prune": 0.0}

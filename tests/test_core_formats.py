@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from toma_edge import BundleError, ConfigError, MemoryBudget, format_size, parse_size
-from toma_edge.manifest import Manifest, read_manifest
+from toma_edge.bundle import Manifest, read_manifest
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,40 @@ def test_manifest_unknown_key_and_version(example_bundle: Path, tmp_path: Path) 
     p.write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         read_manifest(p)
+
+
+def test_bundle_writer_commits_atomically_and_refuses_a_bad_manifest(
+    example_bundle: Path, tmp_path: Path
+) -> None:
+    """The one writer: files hashed into the typed manifest, renamed into place whole; a
+    manifest that breaks the format (or an error in the block) leaves ``out`` untouched."""
+    from toma_edge.bundle import BundleWriter, verify_bundle
+
+    m = read_manifest(example_bundle / "manifest.json")
+    out = tmp_path / "b"
+    with BundleWriter(out) as w:
+        (w.path / "model.pte").write_bytes((example_bundle / "model.pte").read_bytes())
+        written = w.commit(m.model_copy(update={"files": {}}), archive=True)
+    vb = verify_bundle(out)
+    assert set(vb.manifest.files) == {"model.pte"} and written.archive is not None
+    assert vb.manifest.metrics == m.metrics and vb.manifest.candidates == m.candidates
+    before = (out / "manifest.json").read_bytes()
+    bad = m.model_copy(update={"max_batch": 0})  # model_copy skips validation; commit checks
+    with pytest.raises(BundleError, match="max_batch"), BundleWriter(out) as w:
+        (w.path / "model.pte").write_bytes(b"x")
+        w.commit(bad)
+    with pytest.raises(RuntimeError), BundleWriter(out) as w:
+        (w.path / "model.pte").write_bytes(b"y")
+        raise RuntimeError("build failed")
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.tar.gz"]  # no temp folders
+
+
+def test_manifest_candidates_and_build_info_are_typed(example_bundle: Path) -> None:
+    data = json.loads((example_bundle / "manifest.json").read_text())
+    m = Manifest.from_dict(data)
+    assert m.candidates and m.candidates[0].quantization == m.shipped
+    assert m.build is not None and m.build.data.test_rows > 0
+    data["candidates"][0]["surprise"] = 1
+    with pytest.raises(BundleError, match="surprise"):
+        Manifest.from_dict(data)

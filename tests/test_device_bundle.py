@@ -13,10 +13,9 @@ from bundle_tools import flip_byte
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from toma_edge.bundle import make_archive, sign_manifest
+from toma_edge.bundle import make_archive, sha256_file, sign_manifest
 from toma_edge.device.bundle import load_bundle
 from toma_edge.errors import BundleError
-from toma_edge.manifest import sha256_file
 
 
 def _keypair(d: Path, name: str) -> tuple[Path, Path]:
