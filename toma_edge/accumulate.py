@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .adaptive import AdaptCallback, BatchSizePolicy, is_oom_error, release_after_oom
 from .errors import BudgetError
@@ -73,8 +73,6 @@ def accumulate_step(
     ``reduction``: how ``loss_fn`` reduces over rows. Gradients are zeroed in place
     first (``zero_grad(set_to_none=False)``), as the checkpoint budget assumes.
     """
-    import torch
-
     n = int(X.shape[0])
     if n == 0:
         raise ValueError("empty batch")
@@ -92,40 +90,66 @@ def accumulate_step(
         size = policy.size
         j = min(n, i + size)
         weight = (j - i) / n if reduction == "mean" else 1.0
-        in_backward = failed = False
-        rise: int | None = None
-        try:
-            with peak_probe().measure() as m:
-                loss = loss_fn(module(X[i:j]), y[i:j])
-                value = float(loss.detach())
-                in_backward = True
-                (loss * weight).backward()
-                del loss
-            rise = m.device_rise_bytes if budget_bytes is not None else None
-        except BudgetError:
-            if plan is None or in_backward:
-                raise
-            failed = True  # no checkpoint plan fits this micro-batch: try a smaller one
-        except Exception as e:
-            if not is_oom_error(e):
-                raise
-            failed = True
-        if failed:
+        r = _one_pass(module, loss_fn, X[i:j], y[i:j], weight,
+                      measure=budget_bytes is not None, smaller_on_budget=plan is not None)
+        if not r.ok:
             release_after_oom()
             policy.failure(j - i)
-            if in_backward:  # part of this micro-batch's gradient is already in .grad
+            if r.in_backward:  # part of this micro-batch's gradient is already in .grad
                 restarts += 1
-                with torch.no_grad():
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.zero_()
+                _zero_grads(model)
                 total, i = 0.0, 0
             continue
         passes += 1
-        total += value * weight
-        if rise is not None:
-            top = rise if top is None else max(top, rise)
-        policy.success(size, items=j - i, rise_bytes=rise)
+        total += r.value * weight
+        if r.rise is not None:
+            top = r.rise if top is None else max(top, r.rise)
+        policy.success(size, items=j - i, rise_bytes=r.rise)
         i = j
     optimizer.step()
     return StepResult(total, policy.size, passes, restarts, top)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One micro-batch's forward and backward: whether it finished, its loss, its measured
+    rise (bytes, when measured), and whether a failure came in backward."""
+
+    ok: bool
+    value: float = 0.0
+    rise: int | None = None
+    in_backward: bool = False
+
+
+def _one_pass(module: Any, loss_fn: LossFn, xb: torch.Tensor, yb: torch.Tensor,
+              weight: float, *, measure: bool, smaller_on_budget: bool) -> _Pass:
+    """Forward and backward of one micro-batch, its gradient added to ``.grad``. An
+    out-of-memory error (or, with a checkpoint plan, a BudgetError before backward: no plan
+    fits this size) is a failed pass; anything else propagates."""
+    in_backward = False
+    try:
+        with peak_probe().measure() as m:
+            loss = loss_fn(module(xb), yb)
+            value = float(loss.detach())
+            in_backward = True
+            (loss * weight).backward()
+            del loss
+    except BudgetError:
+        if not smaller_on_budget or in_backward:
+            raise
+        return _Pass(False, in_backward=in_backward)
+    except Exception as e:
+        if not is_oom_error(e):
+            raise
+        return _Pass(False, in_backward=in_backward)
+    return _Pass(True, value, m.device_rise_bytes if measure else None)
+
+
+def _zero_grads(model: nn.Module) -> None:
+    """Zero every parameter's gradient in place (a restarted step starts from nothing)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
