@@ -361,7 +361,10 @@ def test_misfit_is_refused_on_small_devices_with_the_figures(fleet: Fleet) -> No
         k: 1 << 30 for k in m["memory"]["measured_peak_bytes"]})
     fat = f.bundle(f.tmp / "v1", "fat", memory=mem)
     f.load.take()
-    r = f.deploy(fat, "--canary", "1", "--rate", "constant:5", "--abort-min", "3")
+    # the fat manifest makes the big devices size their batches from a 1 GiB peak (smaller
+    # batches, re-measured): slower on the canary's 256-row requests, not what this checks
+    r = f.deploy(fat, "--canary", "1", "--rate", "constant:5", "--abort-min", "3",
+                 "--max-p99-ratio", "50")
     ok, failed = f.load.take()
     assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
     line = r.stderr.strip().splitlines()[-1]
