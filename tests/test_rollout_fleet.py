@@ -553,3 +553,43 @@ def test_operator_abort_rolls_back_every_device_that_took_it(fleet: Fleet) -> No
     assert all(ev[d] == [] for d in DEVICES if states[d] == "skipped"), ev
     assert f.serving() == before
     f.check_clean()
+
+
+def test_acl_only_the_deployer_writes_jobs(mqtt_broker: Broker) -> None:
+    """The shipped ACL: a device cannot write under jobs/ (its own or another's), nor any
+    topic of its tree but status, telemetry, events and infer/response; the deployer can."""
+    from toma_edge.telemetry import make_client
+
+    def connect(user: str) -> Any:
+        c = make_client(mqtt_broker.settings(user), client_id=user)
+        c.connect("127.0.0.1", mqtt_broker.port)
+        c.loop_start()
+        wait_until(c.is_connected, 10, f"{user} to connect")
+        return c
+
+    got: list[tuple[str, bytes]] = []
+    reader = connect("dev-11")  # reads its own jobs/#; reads nothing of dev-10's
+    reader.on_message = lambda cl, ud, m: got.append((m.topic, m.payload))
+    reader.subscribe("toma-edge/v1/acl/dev-11/jobs/#", qos=1)
+    spy = connect("collector-2")
+    spy.on_message = lambda cl, ud, m: got.append((m.topic, m.payload))
+    spy.subscribe("toma-edge/v1/acl/dev-10/#", qos=1)
+    dev, dep = connect("dev-10"), connect("deployer")
+    try:
+        time.sleep(0.5)
+        for topic in ("toma-edge/v1/acl/dev-11/jobs/r-1", "toma-edge/v1/acl/dev-10/jobs/r-1",
+                      "toma-edge/v1/acl/dev-10/jobs/r-1/chunk/0", "toma-edge/v1/acl/dev-10/x"):
+            dev.publish(topic, b"forged", qos=1, retain=True).wait_for_publish(5)
+        dev.publish("toma-edge/v1/acl/dev-10/events", b"{}", qos=1).wait_for_publish(5)
+        dep.publish("toma-edge/v1/acl/dev-11/jobs/r-2", b"real", qos=1,
+                    retain=True).wait_for_publish(5)
+        wait_until(lambda: len(got) >= 2, 10, "the allowed messages")
+        time.sleep(0.5)
+        assert sorted(got) == [("toma-edge/v1/acl/dev-10/events", b"{}"),
+                               ("toma-edge/v1/acl/dev-11/jobs/r-2", b"real")], got
+    finally:
+        dep.publish("toma-edge/v1/acl/dev-11/jobs/r-2", b"", qos=1,
+                    retain=True).wait_for_publish(5)
+        for c in (reader, spy, dev, dep):
+            c.loop_stop()
+            c.disconnect()
