@@ -124,7 +124,8 @@ class LoadedBundle:
 
     @property
     def adapter(self) -> str:
-        """The runtime adapter that runs the program (``"native"``, or ``"pybind"`` where only the torch-based one is installed)."""
+        """The runtime adapter that runs the program (``"native"``, or ``"pybind"`` where
+        only the torch-based one is installed)."""
         return str(self.program.adapter)
 
 
@@ -150,7 +151,8 @@ def load_bundle(
     """
     src = Path(path_or_archive)
     if not src.exists():
-        raise BundleError(f"{src}: no such bundle (a folder from `toma-edge build`, or its .tar.gz)")
+        raise BundleError(f"{src}: no such bundle "
+                          "(a folder from `toma-edge build`, or its .tar.gz)")
     if _is_archive(src):
         with tempfile.TemporaryDirectory(prefix="toma-edge-bundle-") as d:
             folder = extract_archive(src, Path(d))
@@ -196,7 +198,8 @@ def _check_io(folder: Path, m: Manifest, program: Any) -> None:
     if len(program.inputs) != len(m.inputs) or len(program.outputs) != len(m.outputs):
         raise BundleError(
             f"{folder}: model.pte has {len(program.inputs)} inputs and {len(program.outputs)} "
-            f"outputs but the manifest lists {len(m.inputs)} and {len(m.outputs)}; rebuild the bundle"
+            f"outputs but the manifest lists {len(m.inputs)} and {len(m.outputs)}; "
+            "rebuild the bundle"
         )
     for spec, info in zip(m.inputs, program.inputs, strict=True):
         if tuple(info.shape[1:]) != spec.row_shape:

@@ -56,7 +56,8 @@ def calibration_batches(X: np.ndarray, batches: int, *, batch_size: int = 32, se
     """``batches`` random batches of training rows for int8 calibration."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(X))
-    return [X[idx[i : i + batch_size]] for i in range(0, min(len(X), batches * batch_size), batch_size)]
+    end = min(len(X), batches * batch_size)
+    return [X[idx[i : i + batch_size]] for i in range(0, end, batch_size)]
 
 
 def run_rows(program: Any, X: np.ndarray, max_batch: int) -> np.ndarray:
@@ -128,7 +129,8 @@ def quantize_model(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     example = export_example(example, max_batch)
-    qcfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=(kind == "int8-dynamic"))
+    qcfg = get_symmetric_quantization_config(is_per_channel=True,
+                                             is_dynamic=(kind == "int8-dynamic"))
     quantizer = XNNPACKQuantizer().set_global(qcfg)
     captured = torch.export.export(
         _Entry(model).eval(), (example,), dynamic_shapes=_dynamic_shapes(max_batch)
@@ -160,7 +162,8 @@ def export_program(
         raise ConfigError(f"unknown quantization '{quantize}'; use int8, int8-dynamic or fp32")
     example = export_example(example, max_batch)
     model = model.eval()
-    ref = quantize_model(model, example, kind=quantize, max_batch=max_batch, calibration=calibration)
+    ref = quantize_model(model, example, kind=quantize, max_batch=max_batch,
+                         calibration=calibration)
     entry: nn.Module = ref if quantize != "fp32" else _Entry(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,4 +176,5 @@ def export_program(
         with torch.no_grad():
             return entry(x)
 
-    return ExportResult(pte=pm.buffer, planned_bytes=planned, reference=reference, quantization=quantize)
+    return ExportResult(pte=pm.buffer, planned_bytes=planned, reference=reference,
+                        quantization=quantize)

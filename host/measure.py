@@ -1,8 +1,10 @@
 """Measure an exported program on this host: its peak memory in a fresh device process,
 and its batch-1 latency through the runtime.
 
-    from toma_edge.host.measure import measure_peaks, start_peak_measurement, finish_peak_measurement
-    measure_peaks(Path("model.pte"), max_batch=256)   # {"adapter": "native", "measured_peak_bytes": {"1": ...}}
+    from toma_edge.host.measure import measure_peaks, start_peak_measurement
+    from toma_edge.host.measure import finish_peak_measurement
+    measure_peaks(Path("model.pte"), max_batch=256)
+    # {"adapter": "native", "measured_peak_bytes": {"1": ..., "8": ..., "256": ...}}
     proc = start_peak_measurement(Path("a.pte"), (1,))   # runs beside the next export
     finish_peak_measurement(proc)
 
@@ -50,7 +52,8 @@ def start_peak_measurement(pte_path: Path, batches: Iterable[int] = (1,)) -> sub
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def finish_peak_measurement(proc: subprocess.Popen[str], *, timeout_s: float = 300) -> dict[str, Any]:
+def finish_peak_measurement(proc: subprocess.Popen[str], *, timeout_s: float = 300
+                            ) -> dict[str, Any]:
     """The JSON the device's measure module printed (adapter, measured_peak_bytes)."""
     try:
         out, err = proc.communicate(timeout=timeout_s)

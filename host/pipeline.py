@@ -156,7 +156,8 @@ def make_plan(
     """Resolve the target profile, the project (None: the built-in example) and the
     budgets (None: the target's); ``out`` defaults to ``dist/<target>``."""
     profile = load_profile(target)
-    storage = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
+    storage = (parse_size(storage_budget) if storage_budget is not None
+               else profile.storage_budget_bytes)
     train = (parse_size(train_budget, total_bytes=profile.ram_bytes) if train_budget is not None
              else profile.train_budget_bytes)
     src = load_source(project)
@@ -336,9 +337,9 @@ def load_saved_model(path: str | Path, factory: Callable[[], nn.Module]) -> nn.M
             model.load_state_dict(obj)
         except (RuntimeError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()
+            why = first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__
             raise ConfigError(
-                f"{p}: the state_dict does not fit the project's model "
-                f"({first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}); "
+                f"{p}: the state_dict does not fit the project's model ({why}); "
                 "pass --project with the factory that built it, or save the whole module"
             ) from e
         return model.eval()
@@ -349,7 +350,8 @@ def test_metrics(plan: Plan, model: nn.Module) -> dict[str, float]:
     """The eager fp32 model's ``test_*`` metrics on the test split."""
     net = export_net(model, plan.task)
     src = plan.source
-    return evaluate(lambda x: predict_numpy(net, x), src.X_test, src.y_test, plan.task, prefix="test_")
+    return evaluate(lambda x: predict_numpy(net, x), src.X_test, src.y_test, plan.task,
+                    prefix="test_")
 
 
 def choose_variant(plan: Plan, model: nn.Module, progress: Progress) -> BuildChoice:
@@ -372,9 +374,11 @@ def search_variants(plan: Plan, model: nn.Module, progress: Progress
     """The compression search over a trained ``model``: fine-tuned on the training rows
     less a validation split, scored on that split; the result and the rows it used."""
     src = plan.source
-    fit, val = validation_split(len(src.X_train), task=plan.task, y=src.y_train, seed=plan.spec.seed)
+    fit, val = validation_split(len(src.X_train), task=plan.task, y=src.y_train,
+                                seed=plan.spec.seed)
     res = compress(model, src.project.compress, task=plan.task,
-                   train=(src.X_train[fit], src.y_train[fit]), val=(src.X_train[val], src.y_train[val]),
+                   train=(src.X_train[fit], src.y_train[fit]),
+                   val=(src.X_train[val], src.y_train[val]),
                    target=plan.profile, max_batch=plan.max_batch, storage_budget=plan.storage_bytes,
                    latency_budget_ms=plan.latency_budget_ms, spec=plan.spec, progress=progress)
     progress.info("compression candidates (* shipped):\n" + res.table())
@@ -537,7 +541,8 @@ def bundle_manifest(
             batch_dependent=quantization == "int8-dynamic",
             memory=Memory(pte_bytes=len(exported.pte), planned_bytes=exported.planned_bytes,
                           weights_bytes=int(weights),
-                          measured_peak_bytes={k: int(v) for k, v in measured["measured_peak_bytes"].items()}),
+                          measured_peak_bytes={k: int(v) for k, v
+                                               in measured["measured_peak_bytes"].items()}),
             metrics=Metrics(reference=reference, shipped=shipped_metrics),
             files={},
             versions=_versions(),
@@ -573,7 +578,8 @@ def _data_info(plan: Plan, *, train_rows: int, validation_rows: int | None = Non
 
 def _result(plan: Plan, bundle: WrittenBundle, t0: float, exported: ExportResult) -> BuildResult:
     secs = time.perf_counter() - t0
-    return BuildResult(out=bundle.path, manifest=bundle.manifest.model_dump(mode="json", exclude_unset=True),
+    manifest = bundle.manifest.model_dump(mode="json", exclude_unset=True)
+    return BuildResult(out=bundle.path, manifest=manifest,
                        seconds=secs, summary=summary_lines(bundle.manifest, plan.profile, secs),
                        archive=bundle.archive, reference=exported.reference)
 
@@ -661,7 +667,8 @@ def summary_lines(m: Manifest, profile: TargetProfile, seconds: float) -> list[s
     )
     base = profile.baseline_bytes(m.build.measured_with if m.build else "native")
     lines.append(
-        f"  inference budget {format_size(profile.memory_budget_bytes)}: baseline {format_size(base)}"
+        f"  inference budget {format_size(profile.memory_budget_bytes)}: "
+        f"baseline {format_size(base)}"
         f" + model {format_size(mem.pte_bytes + peak)} leaves "
         f"{format_size(profile.memory_budget_bytes - base - mem.pte_bytes - peak)}"
     )

@@ -100,7 +100,8 @@ def find_prunable(model: nn.Module) -> list[PrunePair]:
         if node.op != "call_module" or not _is_prunable_layer(mods[node.target]):
             continue
         producer = mods[node.target]
-        n_units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        n_units = (producer.out_features if isinstance(producer, nn.Linear)
+                   else producer.out_channels)
         bn: str | None = None
         flattened = False
         cur = node
@@ -262,7 +263,8 @@ def finetune(
     model: nn.Module, X: np.ndarray, y: np.ndarray, spec: TrainSpec, *,
     epochs: int, lr_scale: float = 0.5,
 ) -> nn.Module:
-    """Train a pruned model a few more ``epochs`` (Adam, ``lr_scale`` x the spec's rate) in place."""
+    """Train a pruned model a few more ``epochs`` (Adam, ``lr_scale`` x the spec's rate),
+    in place."""
     if epochs <= 0:
         return model.eval()
     tuned = TrainSpec(task=spec.task, epochs=epochs, lr=spec.lr * lr_scale,

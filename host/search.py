@@ -161,7 +161,8 @@ def candidate_variants(config: CompressConfig, *, prunable: bool = True
     return [(k, r) for r in ratios for k in kinds]
 
 
-def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None, fraction: float = 0.2,
+def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None,
+                     fraction: float = 0.2,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) row indices of the training data; stratified for classification."""
     from sklearn.model_selection import train_test_split
@@ -189,7 +190,8 @@ def _limits_miss(pte: int, peak: int, lat: float, *, profile: TargetProfile, ada
                    f"{format_size(storage_bytes)} storage budget")
     if pte + peak > working:
         overs.append((pte + peak) / max(1, working) - 1)
-        why.append(f"needs {format_size(pte + peak)} at batch 1, {format_size(pte + peak - working)} over "
+        why.append(f"needs {format_size(pte + peak)} at batch 1, "
+                   f"{format_size(pte + peak - working)} over "
                    f"the {format_size(working)} the inference budget leaves after the baseline")
     if latency_budget_ms is not None and lat > latency_budget_ms:
         overs.append(lat / latency_budget_ms - 1)
@@ -198,7 +200,8 @@ def _limits_miss(pte: int, peak: int, lat: float, *, profile: TargetProfile, ada
     return (max(overs) if overs else 0.0), "; ".join(why)
 
 
-def choose(candidates: Iterable[Candidate], *, tolerance: float, target: str = "the target") -> Candidate:
+def choose(candidates: Iterable[Candidate], *, tolerance: float,
+           target: str = "the target") -> Candidate:
     """The smallest fitting candidate within ``tolerance`` of the best fitting metric.
 
     Metrics are higher-is-better (R2, accuracy); ties in size go to the better metric.
@@ -211,8 +214,9 @@ def choose(candidates: Iterable[Candidate], *, tolerance: float, target: str = "
     if not fitting:
         closest = min(cands, key=lambda c: (c.over, c.pte_bytes))
         raise BudgetError(
-            f"no compression variant fits {target}: the closest, {closest.label}, misses: {closest.miss}; "
-            "allow more compression (compress.quantize: auto, compress.prune: auto) or relax the budget"
+            f"no compression variant fits {target}: the closest, {closest.label}, "
+            f"misses: {closest.miss}; allow more compression (compress.quantize: auto, "
+            "compress.prune: auto) or relax the budget"
         )
     scored = [c for c in fitting if not math.isnan(c.value)]
     if not scored:  # nothing was scored (a single variant without cross-validation)
@@ -266,7 +270,8 @@ def compress(
 
     config = config or CompressConfig()
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
-    storage_bytes = parse_size(storage_budget) if storage_budget is not None else profile.storage_budget_bytes
+    storage_bytes = (parse_size(storage_budget) if storage_budget is not None
+                     else profile.storage_budget_bytes)
     spec = spec or TrainSpec(task=task)
     epochs = finetune_epochs if finetune_epochs is not None else max(5, spec.epochs // 5)
     tol = config.tolerance if config.tolerance is not None else default_tolerance(task)
@@ -283,7 +288,8 @@ def compress(
     pruned: dict[float, nn.Module] = {}
     cands: list[Candidate] = []
     programs: dict[tuple[str, float], ExportResult] = {}
-    pending: list[tuple[Quantization, float, ExportResult, float, float, subprocess.Popen[str]]] = []
+    Pending = tuple[Quantization, float, ExportResult, float, float, subprocess.Popen[str]]
+    pending: list[Pending] = []
     with tempfile.TemporaryDirectory(prefix="toma-compress-") as td:
         try:
             for kind, ratio in variants:
@@ -298,13 +304,16 @@ def compress(
                 pte_path.write_bytes(res.pte)
                 prog = load_program(pte_path, threads=1)
                 lat = latency_ms(prog, X_val[:1])
-                score = evaluate(functools.partial(run_rows, prog, max_batch=max_batch), X_val, y_val,
+                score = evaluate(functools.partial(run_rows, prog, max_batch=max_batch),
+                                 X_val, y_val,
                                  task, prefix="val_")[f"val_{metric}"]
                 del prog
                 # the memory of this one is measured while the next one exports
-                pending.append((kind, ratio, res, lat, float(score), start_peak_measurement(pte_path, (1,))))
+                proc = start_peak_measurement(pte_path, (1,))
+                pending.append((kind, ratio, res, lat, float(score), proc))
                 if progress is not None:
-                    progress.info(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, {lat:.3f} ms, "
+                    progress.info(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, "
+                                  f"{lat:.3f} ms, "
                              f"val {metric} {score:.4f}")
             for kind, ratio, res, lat, score, proc in pending:
                 meas = finish_peak_measurement(proc)
@@ -398,7 +407,8 @@ def search_for_build(
         torch.manual_seed(spec.seed)
         search_model = train_model(factory(), X_train[fit_idx], y_train[fit_idx], spec)
         res = compress(search_model, config, task=task, train=(X_train[fit_idx], y_train[fit_idx]),
-                       val=(X_train[val_idx], y_train[val_idx]), target=profile, max_batch=max_batch,
+                       val=(X_train[val_idx], y_train[val_idx]), target=profile,
+                       max_batch=max_batch,
                        storage_budget=storage_bytes, latency_budget_ms=latency_budget_ms, spec=spec,
                        progress=progress)
         kind, ratio = res.shipped.quantization, res.shipped.prune

@@ -128,13 +128,17 @@ def _check_data(out: Any, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise InputError(
             "data: the data callable must return (X_train, y_train, X_test, y_test), "
-            f"got {type(out).__name__}{' of length ' + str(len(out)) if isinstance(out, (tuple, list)) else ''}"
+            f"got {type(out).__name__}"
+            f"{' of length ' + str(len(out)) if isinstance(out, (tuple, list)) else ''}"
         )
-    X_tr, y_tr, X_te, y_te = (_as_array(a, n) for a, n in zip(out, ("X_train", "y_train", "X_test", "y_test")))
+    X_tr, y_tr, X_te, y_te = (_as_array(a, n)
+                              for a, n in zip(out, ("X_train", "y_train", "X_test", "y_test")))
     if X_tr.ndim < 2:
-        raise InputError(f"data: X_train must have a row dimension and features, got shape {X_tr.shape}")
+        raise InputError("data: X_train must have a row dimension and features, "
+                         f"got shape {X_tr.shape}")
     if X_te.shape[1:] != X_tr.shape[1:]:
-        raise InputError(f"data: X_test rows have shape {X_te.shape[1:]} but X_train rows {X_tr.shape[1:]}")
+        raise InputError(f"data: X_test rows have shape {X_te.shape[1:]} "
+                         f"but X_train rows {X_tr.shape[1:]}")
     for X, y, n in ((X_tr, y_tr, "train"), (X_te, y_te, "test")):
         if len(X) != len(y):
             raise InputError(f"data: X_{n} has {len(X)} rows but y_{n} has {len(y)}")
@@ -157,7 +161,8 @@ def _check_data(out: Any, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
         y_tr = y_tr.astype(np.float32).reshape(len(y_tr), -1)
         y_te = y_te.astype(np.float32).reshape(len(y_te), -1)
         if y_te.shape[1] != y_tr.shape[1]:
-            raise InputError(f"data: y_test has {y_te.shape[1]} targets per row but y_train {y_tr.shape[1]}")
+            raise InputError(f"data: y_test has {y_te.shape[1]} targets per row "
+                             f"but y_train {y_tr.shape[1]}")
     return X_tr.astype(np.float32), y_tr, X_te.astype(np.float32), y_te, n_classes
 
 
@@ -253,7 +258,8 @@ def load_source(project_path: str | Path | None) -> ModelSource:
         training, raw = _open_training_files(raw, proj.task, proj.root)
     elif isinstance(raw, (tuple, list)) and len(raw) == 4:
         raw = tuple(_load_small(a, proj.root, n) if i >= 2 else a
-                    for i, (a, n) in enumerate(zip(raw, ("X_train", "y_train", "X_test", "y_test"))))
+                    for i, (a, n)
+                    in enumerate(zip(raw, ("X_train", "y_train", "X_test", "y_test"))))
     X_tr, y_tr, X_te, y_te, n_classes = _check_data(raw, proj.task)
     if training is not None and proj.task == "classification":
         n_classes = max(n_classes, int(training.labels().max()) + 1)
@@ -264,7 +270,8 @@ def load_source(project_path: str | Path | None) -> ModelSource:
         except Exception as e:
             raise ConfigError(f"model '{proj.model}' raised {type(e).__name__}: {e}") from e
         if not isinstance(m, nn.Module):
-            raise ConfigError(f"model '{proj.model}' must return a torch.nn.Module, got {type(m).__name__}")
+            raise ConfigError(f"model '{proj.model}' must return a torch.nn.Module, "
+                              f"got {type(m).__name__}")
         return m
 
     # one forward on two rows: wrong input width or output size fails here, clearly
@@ -288,9 +295,11 @@ def load_source(project_path: str | Path | None) -> ModelSource:
                              f"go up to class {n_classes - 1}")
         n_classes = int(out.shape[1])
     elif out.shape[1] != y_tr.shape[1]:
-        raise InputError(f"model '{proj.model}' outputs {out.shape[1]} values per row but y has {y_tr.shape[1]}")
+        raise InputError(f"model '{proj.model}' outputs {out.shape[1]} values per row "
+                         f"but y has {y_tr.shape[1]}")
     classes = list(proj.classes) if proj.classes else [str(i) for i in range(n_classes)]
     if proj.task == "classification" and len(classes) != n_classes:
-        raise ConfigError(f"project: 'classes' names {len(classes)} classes but the model outputs {n_classes}")
+        raise ConfigError(f"project: 'classes' names {len(classes)} classes "
+                          f"but the model outputs {n_classes}")
     return ModelSource(proj, user_factory, X_tr, y_tr, X_te, y_te, classes=classes,
                        training_data=training)

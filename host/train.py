@@ -155,10 +155,12 @@ def fit_step_to_budget(
 
         try:
             plan = plan_checkpointing(model, xb, budget=step_budget)
-            info(f"checkpointing segments {plan.segments} to fit one step in {format_size(step_budget)}")
+            info(f"checkpointing segments {plan.segments} "
+                 f"to fit one step in {format_size(step_budget)}")
         except BudgetError:
             plan = None
-    if plan is None and policy.micro_batch not in ("auto",) and not isinstance(policy.micro_batch, int):
+    mb = policy.micro_batch
+    if plan is None and mb not in ("auto",) and not isinstance(mb, int):
         raise BudgetError(
             f"one step at batch {len(xb)} needs {format_size(rise)} but the budget leaves "
             f"{format_size(step_budget)}; allow train.micro_batch: auto"
@@ -267,7 +269,8 @@ def train_model(
     xt = torch.as_tensor(np.asarray(X), dtype=torch.float32)
     yt = _targets(y, spec.task)
     loss_fn = loss_fn_for(spec.task)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr,
+                                        weight_decay=spec.weight_decay)
     n_epochs = spec.epochs if epochs is None else epochs
     model.train()
     update: Update | None = None
@@ -322,7 +325,8 @@ def _train_from_loader(
     """train_model over a file-backed TrainingData: block-shuffled batches from a loader."""
     torch.manual_seed(spec.seed)
     loss_fn = loss_fn_for(spec.task)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=spec.lr,
+                                        weight_decay=spec.weight_decay)
     n_epochs = spec.epochs if epochs is None else epochs
     loader = data.loader(spec.batch_size, budget_bytes=loader_budget_bytes(memory), seed=spec.seed)
     model.train()
@@ -331,7 +335,8 @@ def _train_from_loader(
         held = getattr(loader, "plan", None)
         if memory.train_budget_bytes is not None and held is not None:
             # what the loader may hold is not there yet when the first step is measured
-            memory = replace(memory, train_budget_bytes=memory.train_budget_bytes - held.in_flight_bytes)
+            memory = replace(memory,
+                             train_budget_bytes=memory.train_budget_bytes - held.in_flight_bytes)
         xh, yh = data.head(min(spec.batch_size, data.rows))
         update = fit_step_to_budget(model, loss_fn, opt, torch.as_tensor(xh, dtype=torch.float32),
                                     _targets(yh, spec.task), memory)
@@ -368,7 +373,8 @@ def evaluate(
             f"{prefix}rmse": float(np.sqrt(mean_squared_error(yt, out))),
             f"{prefix}r2": float(r2_score(yt, out)),
         }
-    return {f"{prefix}accuracy": float(accuracy_score(np.asarray(y).reshape(-1), out.argmax(axis=1)))}
+    acc = accuracy_score(np.asarray(y).reshape(-1), out.argmax(axis=1))
+    return {f"{prefix}accuracy": float(acc)}
 
 
 def evaluate_data(

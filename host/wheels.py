@@ -51,14 +51,16 @@ class WheelSet:
         lines = [f"{len(self.wheels)} wheels for {self.arch}, CPython {self.python} "
                  f"({format_size(self.total_bytes)}) in {self.out}"]
         lines += [f"  {w.name} ({format_size(w.stat().st_size)})" for w in self.wheels]
-        lines.append(f"on the device: pip install --no-index --find-links {self.out.name} toma-edge")
+        lines.append("on the device: pip install --no-index "
+                     f"--find-links {self.out.name} toma-edge")
         return lines
 
 
 def source_root() -> Path:
     """This install's source tree (a clone, installed editable or not), or ConfigError."""
     here = Path(__file__).resolve().parent.parent  # host/ -> the repository root
-    if (here / "pyproject.toml").is_file() and (here / "device" / "native" / "pyproject.toml").is_file():
+    native = here / "device" / "native" / "pyproject.toml"
+    if (here / "pyproject.toml").is_file() and native.is_file():
         return here
     raise ConfigError("writing the device's wheels needs toma-edge's source tree (a git clone "
                       "installed with pip install -e); this install has none")
@@ -101,7 +103,8 @@ def write_wheels(target: str, out: str | Path, *,
     with tempfile.TemporaryDirectory(prefix="toma-wheels-") as tmp:
         stage = Path(tmp)
         say("toma-edge (pure Python)")
-        _run([*pip, "wheel", "--no-deps", "-w", str(stage), str(root)], "building the toma-edge wheel")
+        _run([*pip, "wheel", "--no-deps", "-w", str(stage), str(root)],
+             "building the toma-edge wheel")
         say(f"toma-edge-native for {arch}, CPython {py}")
         if native:
             _run([*pip, "wheel", "--no-deps", "-w", str(stage), str(root / "device" / "native")],

@@ -57,14 +57,18 @@ def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool,
     lines = [
         f"bundle      {path}",
         f"model       {m.name} {m.version} ({m.task})",
-        f"target      {m.target.name} ({m.target.arch}), inference budget {format_size(m.target.memory_budget_bytes)}",
+        f"target      {m.target.name} ({m.target.arch}), "
+        f"inference budget {format_size(m.target.memory_budget_bytes)}",
         "inputs      " + "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.inputs),
         "outputs     " + "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in m.outputs),
-        f"max batch   {m.max_batch}" + ("  (batch-dependent: requests never share a batch)" if m.batch_dependent else ""),
+        f"max batch   {m.max_batch}"
+        + ("  (batch-dependent: requests never share a batch)" if m.batch_dependent else ""),
         f"shipped     {m.shipped}, pruned {float(m.compression.get('prune', 0.0)):.0%}",
-        f"memory      model.pte {format_size(m.memory.pte_bytes)}, planned arena {format_size(m.memory.planned_bytes)}",
+        f"memory      model.pte {format_size(m.memory.pte_bytes)}, "
+        f"planned arena {format_size(m.memory.planned_bytes)}",
         "            measured peak " + ", ".join(
-            f"b{k}: {format_size(v)}" for k, v in sorted(m.memory.measured_peak_bytes.items(), key=lambda kv: int(kv[0]))),
+            f"b{k}: {format_size(v)}"
+            for k, v in sorted(m.memory.measured_peak_bytes.items(), key=lambda kv: int(kv[0]))),
     ]
     for label, mm in (("reference", m.metrics.reference), ("shipped", m.metrics.shipped)):
         lines.append(f"{'metrics' if label == 'reference' else '':12s}{label:9s} " + ", ".join(
@@ -74,8 +78,10 @@ def _describe(folder: Path, path: Path, *, trust_key: str | None, as_json: bool,
     if m.candidates:
         lines.append(f"candidates  {len(m.candidates)} variants tried")
     lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
-    lines.append("files       " + ", ".join(f"{k} ({format_size(e.bytes)}) sha256 ok" for k, e in m.files.items()))
-    sig = "signature ok" if trust_key else ("signed, not checked (no --trust-key)" if vb.signed else "unsigned")
+    lines.append("files       " + ", ".join(f"{k} ({format_size(e.bytes)}) sha256 ok"
+                                            for k, e in m.files.items()))
+    sig = ("signature ok" if trust_key
+           else "signed, not checked (no --trust-key)" if vb.signed else "unsigned")
     lines.append(f"trust       {sig}; manifest sha256 {vb.manifest_sha256[:16]}…")
     if runtime is not None:
         lines.append(f"runtime     {runtime.line}")

@@ -54,7 +54,8 @@ def _load_public_key(path: str | Path):  # type: ignore[no-untyped-def]
     try:
         key = load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a PEM public key (SubjectPublicKeyInfo, Ed25519): {e}") from e
+        raise ConfigError(f"{path}: not a PEM public key (SubjectPublicKeyInfo, Ed25519): "
+                          f"{e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path}: trust key must be an Ed25519 public key")
     return key
@@ -68,7 +69,8 @@ def sign_manifest(bundle_dir: str | Path, key_path: str | Path) -> Path:
     try:
         key = load_pem_private_key(Path(key_path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{key_path}: not an unencrypted PEM private key (PKCS#8, Ed25519): {e}") from e
+        raise ConfigError(f"{key_path}: not an unencrypted PEM private key "
+                          f"(PKCS#8, Ed25519): {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{key_path}: signing key must be an Ed25519 private key")
     d = Path(bundle_dir)
@@ -92,7 +94,8 @@ def verify_bundle(
     naming the check that failed."""
     d = Path(path)
     if not d.is_dir():
-        raise BundleError(f"{d}: not a bundle folder (expected a folder with manifest.json and model.pte)")
+        raise BundleError(f"{d}: not a bundle folder "
+                          "(expected a folder with manifest.json and model.pte)")
     mpath = d / MANIFEST_NAME
     if not mpath.is_file():
         raise BundleError(f"{d}: no manifest.json; this is not a toma-edge bundle")
@@ -101,7 +104,8 @@ def verify_bundle(
     signed = (d / SIGNATURE_NAME).is_file()
     if trust_key is not None:
         if not signed:
-            raise BundleError(f"{d}: bundle is unsigned (no manifest.sig) but --trust-key requires a signature")
+            raise BundleError(f"{d}: bundle is unsigned (no manifest.sig) "
+                              "but --trust-key requires a signature")
         from cryptography.exceptions import InvalidSignature
 
         key = _load_public_key(trust_key)
@@ -126,11 +130,13 @@ def verify_bundle(
         size = f.stat().st_size
         if size != entry.bytes:
             raise BundleError(
-                f"{d}: {name} is {size} bytes, manifest says {entry.bytes} (truncated or replaced); "
+                f"{d}: {name} is {size} bytes, manifest says {entry.bytes} "
+                "(truncated or replaced); "
                 "rebuild or copy the bundle again"
             )
         if sha256_file(f) != entry.sha256:
-            raise BundleError(f"{d}: sha256 mismatch for {name} (tampered or corrupt); rebuild with `toma-edge build`")
+            raise BundleError(f"{d}: sha256 mismatch for {name} (tampered or corrupt); "
+                              "rebuild with `toma-edge build`")
     if check_runtime_version:
         built = manifest.versions.get("executorch")
         have = runtime_executorch

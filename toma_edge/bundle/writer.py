@@ -75,7 +75,8 @@ class BundleWriter:
         if sign_key is not None:
             sign_manifest(self.path, sign_key)
         _replace_dir(self.path, self.out)
-        arch = make_archive(self.out, self.out.with_name(self.out.name + ".tar.gz")) if archive else None
+        arch = (make_archive(self.out, self.out.with_name(self.out.name + ".tar.gz"))
+                if archive else None)
         self.written = WrittenBundle(self.out, full, arch)
         return self.written
 
