@@ -380,9 +380,9 @@ class TelemetryAgent:
         connection; returns the paho client (None without a broker).
 
         ``on_connect(connack_properties)`` runs in paho's thread after every successful
-        connect (at once when connected already), ``on_disconnect()`` after every loss; exceptions in them
-        are caught and counted like the agent's own. The agent still owns the connection:
-        :meth:`close` ends it.
+        connect (at once when connected already), ``on_disconnect()`` after every loss;
+        exceptions in them are caught and counted like the agent's own. The agent still
+        owns the connection: :meth:`close` ends it.
         """
         if self._client is None:
             return None
@@ -468,7 +468,8 @@ class TelemetryAgent:
         try:  # validate before taking a seq
             EventMessage(seq=1, ts=time.time(), kind=kind, fields=fields)
         except ValidationError as e:
-            raise TelemetryError(f"event {kind!r} is invalid: {describe_validation_error(e)}") from e
+            raise TelemetryError(
+                f"event {kind!r} is invalid: {describe_validation_error(e)}") from e
         seq = self._spool.put(
             "events", self._topics["events"],
             lambda s: EventMessage(seq=s, ts=time.time(), kind=kind, fields=fields).encode(),

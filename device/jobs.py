@@ -48,6 +48,7 @@ from ..bundle import archive_limits, extract_archive, verify_bundle
 from ..errors import BudgetError, TomaEdgeError
 from ..probes import rss_bytes
 from .agent import ThrottledLog
+from .bundle import runtime_executorch_version
 from .releases import Releases, release_name
 
 if TYPE_CHECKING:
@@ -409,7 +410,8 @@ class RolloutRunner:
         budget = self.svc.model.predictor.budget.bytes
         try:
             extract_archive(archive, tmp, **archive_limits(budget))
-            vb = verify_bundle(tmp, trust_key=self.svc.holder.trust_key)
+            vb = verify_bundle(tmp, trust_key=self.svc.holder.trust_key,
+                               runtime_executorch=runtime_executorch_version())
         except TomaEdgeError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise Refused(str(e).replace(str(tmp), "bundle")[:500]) from e
@@ -419,7 +421,7 @@ class RolloutRunner:
         return tmp, vb.manifest.version
 
     def _check(self, job: rp.JobDocument, folder: Path) -> None:
-        from ..manifest import MANIFEST_NAME, read_manifest
+        from ..bundle import MANIFEST_NAME, read_manifest
         from .service.models import contract_difference
 
         new = read_manifest(folder / MANIFEST_NAME)

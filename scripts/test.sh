@@ -32,6 +32,6 @@ bash scripts/aarch64_env.sh >/dev/null
 # scikit-build-core; the main package requires it
 python -m pip install -q ./device/native -e ".[test]"
 
-python -m ruff check toma_edge tests bench
+python -m ruff check toma_edge host device tests bench scripts
 python -m mypy toma_edge tests
 python -m pytest -q -p no:cacheprovider "$@"

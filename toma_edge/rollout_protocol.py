@@ -22,7 +22,7 @@ An empty retained payload on either topic clears it (:func:`clear_job`; the cont
 does so once a device reached a final state). The device reports each state as an event
 (``EventMessage`` on its events topic) of kind ``rollout.<state>`` (:data:`EVENT_KINDS`),
 with the fields ``rollout_id``, ``version``, ``sha256`` and per state those listed in
-``/work/helpers/ROLLOUT.md`` (refused: ``reason`` and, for a misfit, ``need_bytes``,
+docs/architecture.md ("Fleet rollout") (refused: ``reason`` and, for a misfit, ``need_bytes``,
 ``budget_bytes``, ``peak_bytes``, ``baseline_bytes``). No torch, no paho import here.
 """
 

@@ -6,7 +6,7 @@
     settings = mqtt_settings("mqtts://pi-0042@broker.lan", ca_file="ca.pem")  # password: env/file
     client = make_client(settings, client_id="pi-0042")
 
-Topics are ``toma-edge/v1/<fleet>/<device_id>/{status,telemetry,events}`` (DESIGN.md,
+Topics are ``toma-edge/v1/<fleet>/<device_id>/{status,telemetry,events}`` (docs/architecture.md,
 "Telemetry (MQTT)"). Messages are frozen, strict pydantic models: a payload without its
 schema version ``"v"``, with an unknown version or key, a value of the wrong JSON type
 (``"3"``, ``4.0`` or ``true`` for an integer, ``"yes"`` for a boolean), an integer outside

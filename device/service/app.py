@@ -44,7 +44,8 @@ log = logging.getLogger("toma_edge.service")
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Everything ``toma-edge serve`` takes (DESIGN.md "Command line"), plus tuning knobs.
+    """Everything ``toma-edge serve`` takes (docs/architecture.md, "The command line"),
+    plus tuning knobs.
 
     ``http``: ``HOST:PORT`` to listen on, or None for MQTT only. ``budget``: the whole
     process's peak RSS (bytes or ``"512MiB"``; default the bundle target's).
@@ -59,7 +60,8 @@ class ServiceConfig:
     request's head, or its body (seconds). ``idle_timeout_s``: a connection idle between
     requests is closed after this (seconds). ``max_connections``: open HTTP connections
     at most; a new one beyond it closes the longest idle one (lowered to fit the
-    open-files limit). ``drain_timeout_s``: how long SIGTERM waits for requests in flight. ``mqtt_password_file``, ``mqtt_ca_file``, ``mqtt_cert_file``,
+    open-files limit). ``drain_timeout_s``: how long SIGTERM waits for requests in
+    flight. ``mqtt_password_file``, ``mqtt_ca_file``, ``mqtt_cert_file``,
     ``mqtt_key_file``: the broker password (else $TOMA_EDGE_MQTT_PASSWORD), the CA of an
     ``mqtts://`` broker and an optional client certificate and key (PEM).
     """
@@ -120,7 +122,8 @@ def parse_http(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--http {value!r} must be HOST:PORT, like 127.0.0.1:8080 or 0.0.0.0:8080")
+        raise ConfigError(
+            f"--http {value!r} must be HOST:PORT, like 127.0.0.1:8080 or 0.0.0.0:8080")
     return host, int(port)
 
 
@@ -314,8 +317,7 @@ class Service:
         import tempfile
         import uuid
 
-        from ...bundle import extract_archive
-        from ...manifest import MANIFEST_NAME, read_manifest
+        from ...bundle import MANIFEST_NAME, extract_archive, read_manifest
 
         releases = self.upload_dir()
         if releases is not None:

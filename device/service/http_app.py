@@ -131,7 +131,9 @@ async def _body(request: Request, limit: int, pool: BodyPool, held: list[int],
         raise RequestError(f"the body did not arrive within {budget:.0f} s", 408) from None
 
 
-def _resolver(fut: asyncio.Future[Prediction]) -> Callable[[Prediction | None, BaseException | None], None]:
+def _resolver(
+    fut: asyncio.Future[Prediction],
+) -> Callable[[Prediction | None, BaseException | None], None]:
     """The batcher's callback for one request: runs on the loop's thread."""
 
     def done(pred: Prediction | None, err: BaseException | None) -> None:

@@ -49,16 +49,20 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter("toma_edge_requests", "Inference requests answered, by transport and status code.",
-                                 ["transport", "code"], registry=r)
-        self._latency = Histogram("toma_edge_request_latency_seconds", "Time from a request's arrival to its answer.",
-                                  ["transport"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self._requests = Counter(
+            "toma_edge_requests", "Inference requests answered, by transport and status code.",
+            ["transport", "code"], registry=r)
+        self._latency = Histogram(
+            "toma_edge_request_latency_seconds", "Time from a request's arrival to its answer.",
+            ["transport"], buckets=LATENCY_BUCKETS_S, registry=r)
         self._rows = Counter("toma_edge_rows", "Input rows answered.", registry=r)
         self._batches = Counter("toma_edge_batches", "Model calls (micro-batches) run.", registry=r)
-        self._batch_requests = Counter("toma_edge_batch_requests", "Requests carried by those model calls.",
-                                       registry=r)
-        self._model_seconds = Counter("toma_edge_model_seconds", "Seconds spent in model calls.", registry=r)
-        self._updates = Counter("toma_edge_model_updates", "Model updates, by result.", ["result"], registry=r)
+        self._batch_requests = Counter(
+            "toma_edge_batch_requests", "Requests carried by those model calls.", registry=r)
+        self._model_seconds = Counter(
+            "toma_edge_model_seconds", "Seconds spent in model calls.", registry=r)
+        self._updates = Counter(
+            "toma_edge_model_updates", "Model updates, by result.", ["result"], registry=r)
         self._info = Gauge("toma_edge_model_info", "The serving model (value always 1).",
                            list(INFO_LABELS), registry=r)
         self._gauges: dict[str, Gauge] = {}

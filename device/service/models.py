@@ -3,7 +3,7 @@
     from toma_edge.device.service.models import ModelHolder
     holder = ModelHolder.open("/var/lib/toma-edge/current", budget="512MiB", trust_key="fleet.pub")
     holder.current.name, holder.current.version, holder.current.sha256
-    holder.replace("/tmp/upload.tar.gz")        # BundleError/BudgetError: the old model keeps serving
+    holder.replace("/tmp/upload.tar.gz")    # BundleError/BudgetError: the old model serves on
     holder.replace(folder, allow_contract_change=False)   # ContractChanged if rows/answers differ
     holder.close()                              # drop the model (native objects released)
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...bundle import MANIFEST_NAME, Manifest, read_manifest
 from ...errors import BundleError, TomaEdgeError
-from ...manifest import MANIFEST_NAME, Manifest, read_manifest
 from ..bundle import load_bundle
 from ..predictor import Predictor
 

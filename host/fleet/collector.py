@@ -6,7 +6,7 @@
         c.wait(60)                                 # store for a minute, then stop
     print(c.stats.stored, c.stats.duplicates, c.stats.rejected, c.stats.dead_lettered)
 
-Delivery (DESIGN.md, "Telemetry (MQTT)"): a persistent MQTT v5 session (clean start off,
+Delivery (docs/architecture.md, "Telemetry (MQTT)"): a persistent MQTT v5 session (clean start off,
 a session expiry), paho's manual acknowledgement, and a PUBACK sent only after the
 batch holding the message is committed to the store (``open_store``: a SQLite path or a
 ``postgresql://`` URL); so a message the broker accepted survives a collector crash (the
