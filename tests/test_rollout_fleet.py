@@ -38,6 +38,8 @@ from toma_edge.bundle import SIGNATURE_NAME, make_archive, sign_manifest
 from toma_edge.host.fleet.rollout import parse_percent, parse_rate, plan_waves
 from toma_edge.host.fleet.store import open_store
 
+pytest_plugins = ["pg_fixtures"]  # pg_url: the controller's state on PostgreSQL too
+
 FLEET = "rf"
 DEVICES = [f"dev-{i}" for i in range(10)]
 SMALL = ("dev-8", "dev-9")          # --budget 1GiB: the fat bundle does not fit them
@@ -593,3 +595,85 @@ def test_acl_only_the_deployer_writes_jobs(mqtt_broker: Broker) -> None:
         for c in (reader, spy, dev, dep):
             c.loop_stop()
             c.disconnect()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_controller_state_on_both_stores(mqtt_broker: Broker, example_bundle: Path,
+                                         tmp_path: Path, kind: str,
+                                         request: pytest.FixtureRequest) -> None:
+    """The controller on each store, step by step: the job and its chunk reach the device's
+    own jobs topic (read as that device), the device's events (stored as `fleet collect`
+    stores them) move it on, its retained messages are cleared once it is final, the
+    second wave goes out only then; a second controller takes over a silent one without
+    resending, aborts past the threshold and sends the rollback job."""
+    from toma_edge.host.fleet.rollout import Controller, RolloutParams, start_rollout
+    from toma_edge.host.fleet.store import Record
+    from toma_edge.telemetry import EventMessage, StatusMessage, make_client
+
+    db = str(tmp_path / "fleet.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    store = open_store(db)
+    now = time.time()
+    devs = ["dev-10", "dev-11"]
+    store.write_batch([Record("st", d, StatusMessage(online=True, ts=now, model="m"), now)
+                       for d in devs])
+    rid = start_rollout(store, example_bundle, fleet="st", devices=devs,
+                        params=RolloutParams(canary=1, rate="constant:1", health_window_s=1))
+    got: list[tuple[str, int]] = []
+    dev = make_client(mqtt_broker.settings("dev-10"), client_id="dev-10")
+    dev.on_message = lambda cl, ud, m: got.append((m.topic, len(m.payload)))
+    dev.connect("127.0.0.1", mqtt_broker.port)
+    dev.subscribe("toma-edge/v1/st/dev-10/jobs/#", qos=1)
+    dev.loop_start()
+    seq = [0]
+
+    def report(d: str, *kinds: str) -> None:
+        recs = []
+        for k in kinds:
+            seq[0] += 1
+            recs.append(Record("st", d, EventMessage(seq=seq[0], ts=time.time(),
+                                                     kind=f"rollout.{k}",
+                                                     fields={"rollout_id": rid}), time.time()))
+        store.write_batch(recs)
+
+    ctl = Controller(store, mqtt_broker.settings("deployer"), rid, poll_s=0.05)
+    try:
+        ctl.claim()
+        assert ctl.step() is None
+        assert [(d["device_id"], d["state"]) for d in store.rollout_devices(rid)] == [
+            ("dev-10", "sent"), ("dev-11", "pending")]
+        wait_until(lambda: len(got) >= 2, 10, "the job and its chunk at the device")
+        assert sorted(t.rsplit("/", 2)[-1] for t, n in got if n) == ["0", rid], got
+        assert ctl.step() is None and store.rollout_devices(rid)[1]["state"] == "pending"
+        report("dev-10", "received", "downloaded", "verified", "live", "healthy")
+        got.clear()
+        assert ctl.step() is None  # dev-10 final: cleared; dev-11's wave goes out
+        wait_until(lambda: len(got) >= 2, 10, "the clearing of dev-10's retained messages")
+        assert all(n == 0 for _t, n in got), got
+        assert [d["state"] for d in store.rollout_devices(rid)] == ["healthy", "sent"]
+        sent_at = store.rollout_devices(rid)[1]["sent_at"]
+        ctl.close()
+        # a second controller (the first one is this live process: take it over by name)
+        ctl2 = Controller(store, mqtt_broker.settings("deployer"), rid, poll_s=0.05)
+        ctl2.owner = "elsewhere:1"
+        with pytest.raises(Exception, match="is being run by"):
+            ctl2.claim()
+        store.update_rollout(rid, heartbeat=now - 3600)  # the first one went silent
+        ctl2.claim()
+        got.clear()
+        report("dev-11", "received", "refused")  # 1 of 2 failed: past 10%, abort
+        assert ctl2.step() is None
+        assert store.rollout(rid)["state"] == "aborting"
+        assert store.rollout_devices(rid)[1]["sent_at"] == sent_at  # not sent again
+        wait_until(lambda: any(n for _t, n in got), 10, "the rollback job at dev-10")
+        job = [t for t, n in got if n]
+        assert job == [f"toma-edge/v1/st/dev-10/jobs/{rid}"], got
+        assert ctl2.step() is None  # waits for dev-10 to roll back
+        report("dev-10", "rolled_back")
+        out = ctl2.run()
+        assert out.state == "aborted" and "dev-11: refused" in out.reason, out
+        assert out.devices == {"dev-10": "rolled_back", "dev-11": "refused"}
+    finally:
+        ctl.close()
+        dev.loop_stop()
+        dev.disconnect()
+        store.close()
