@@ -277,9 +277,9 @@ def fleet(mqtt_broker: Broker, example_bundle: Path,
         with open_store(db) as s:
             wait_until(lambda: set(s.fleet_device_ids(FLEET)) >= set(DEVICES), 30,
                        "every device in the store")
-        # the canary's requests are of 256 rows: the slow bundle's cost grows with them (the
+        # the canary's requests are of 64 rows: the slow bundle's cost grows with them (the
         # example's hardly), so its p99 stands clear of a loaded machine's noise
-        load = Load([devices[d] for d in LOADED], {"dev-0": 256})
+        load = Load([devices[d] for d in LOADED], {"dev-0": 64})
         yield Fleet(mqtt_broker, tmp, devices, db, collector, priv, load)
     finally:
         if load is not None:
@@ -407,8 +407,8 @@ def test_unsigned_or_tampered_bundle_is_refused_by_the_canary_and_goes_nowhere(
 
 @pytest.fixture(scope="module")
 def slow_bundle(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example with a wide fp32 MLP (same contract, max batch 256): ~20x slower than
-    the example on the canary's 256-row requests."""
+    """The example with a deep fp32 MLP (same contract; one 1536x1536 weight applied 24
+    times): far slower than the example on the canary's 64-row requests."""
     import hashlib
 
     import torch
@@ -418,8 +418,9 @@ def slow_bundle(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     torch.manual_seed(0)
     w = 1536
-    net = torch.nn.Sequential(torch.nn.Linear(10, w), torch.nn.ReLU(), torch.nn.Linear(w, w),
-                              torch.nn.ReLU(), torch.nn.Linear(w, w), torch.nn.ReLU(),
+    hidden = torch.nn.Linear(w, w)  # one weight used 24 times: 24x the work, 1x the bytes
+    net = torch.nn.Sequential(torch.nn.Linear(10, w), torch.nn.ReLU(),
+                              *[m for _ in range(24) for m in (hidden, torch.nn.ReLU())],
                               torch.nn.Linear(w, 1))
     m = json.loads((example_bundle / "manifest.json").read_text())
     m["max_batch"] = 256
@@ -445,7 +446,7 @@ def test_slow_bundle_fails_the_canary_window_and_rolls_back(
     sign_manifest(d, f.key)
     archive = make_archive(d, f.tmp / "slow.tar.gz")
     f.load.take()
-    r = f.deploy(archive, "--canary", "1", "--health-window", "6s", "--max-p99-ratio", "3")
+    r = f.deploy(archive, "--canary", "1", "--health-window", "8s", "--max-p99-ratio", "3")
     ok, failed = f.load.take()
     assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
     line = r.stderr.strip().splitlines()[-1]
@@ -465,13 +466,14 @@ def test_slow_bundle_fails_the_canary_window_and_rolls_back(
 
 def test_device_and_controller_sigkilled_mid_rollout_both_resume(
         fleet: Fleet, slow_bundle: Path) -> None:
-    """The 17 MB fp32 bundle (133 chunks) to the devices without request load (where it is
+    """The 8.7 MB fp32 bundle (67 chunks) to the devices without request load (where it is
     healthy): one is SIGKILLed while it downloads, the controller right after."""
     f = fleet
     targets = [d for d in DEVICES if d not in LOADED]
     d = with_version(slow_bundle, f.tmp / "big", "big")
     sign_manifest(d, f.key)
     bundle = make_archive(d, f.tmp / "big.tar.gz")
+    chunks = -(-bundle.stat().st_size // (128 * 1024))
     env = f.broker.env("deployer")
     log = f.tmp / "deploy-big.log"
     args = f.deploy_args(bundle, "--canary", "2", "--rate", "constant:5")
@@ -484,7 +486,7 @@ def test_device_and_controller_sigkilled_mid_rollout_both_resume(
     victim = f.devices["dev-4"]  # wave 1: SIGKILLed while its chunk files arrive
     folder = victim.state / "rollouts" / rid
     deadline = time.monotonic() + 120
-    while not 5 <= len(list(folder.glob("chunk-*"))) < 133:
+    while not 5 <= len(list(folder.glob("chunk-*"))) < chunks:
         assert time.monotonic() < deadline and ctl.poll() is None, log.read_text()[-2000:]
         time.sleep(0.005)
     victim.stop(signal.SIGKILL)
@@ -515,7 +517,7 @@ def test_device_and_controller_sigkilled_mid_rollout_both_resume(
                for x in targets), ev
     f.check_clean()
     print(f"\nkilled dev-4 and the controller with the devices at {killed_at}; dev-4 "
-          f"downloaded after its restart keeping {downs[0]['resumed_chunks']} of 133 chunks")
+          f"downloaded after its restart keeping {downs[0]['resumed_chunks']} of {chunks} chunks")
     # a rollout that ended cannot be aborted; one line, exit 2
     a = _cli("fleet", "rollout", rid, "--abort", "--db", str(f.db), "--mqtt",
              f.broker.url("deployer"), env=env)
