@@ -214,7 +214,11 @@ class Fleet:
     def deploy_args(self, bundle: Path, *extra: str) -> list[str]:
         return ["fleet", "deploy", str(bundle), "--mqtt", self.broker.url("deployer"),
                 "--fleet", FLEET, "--db", str(self.db), "--devices", ",".join(DEVICES),
-                "--health-window", WINDOW, "--timeout", "5m", *extra]
+                "--health-window", WINDOW, "--timeout", "5m",
+                # p99 against the previous model's: a 2 ms p99 turns 14 ms on one scheduling
+                # hiccup of this loaded 2-core VM (seen: a good bundle rolled back at 7.2x);
+                # the slow-bundle test sets 3 again (its bundle is 6-20x slower)
+                "--max-p99-ratio", "10", *extra]
 
     def deploy(self, bundle: Path, *extra: str, timeout: float = 180
                ) -> subprocess.CompletedProcess[str]:
