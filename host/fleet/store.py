@@ -41,8 +41,8 @@ from ...telemetry import EventMessage, Message, StatusMessage, TelemetryMessage,
 if TYPE_CHECKING:
     from .store_pg import PgFleetStore
 
-__all__ = ["FleetStore", "Record", "ROLLOUT_COLUMNS", "ROLLOUT_DEVICE_COLUMNS", "DeviceRow", "BatchResult", "Reject", "StoreUnavailable",
-           "open_store"]
+__all__ = ["FleetStore", "Record", "ROLLOUT_COLUMNS", "ROLLOUT_DEVICE_COLUMNS", "DeviceRow",
+           "BatchResult", "Reject", "StoreUnavailable", "open_store"]
 
 _TELEMETRY_FIELDS = [f for f in TelemetryMessage.model_fields if f != "v"]
 _STATUS_FIELDS = [f for f in StatusMessage.model_fields if f != "v"]
