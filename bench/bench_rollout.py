@@ -88,6 +88,14 @@ class SysBytes:
         return dict(self.v)
 
 
+def _example_bundle() -> Path:
+    out = Path(tempfile.gettempdir()) / "toma-edge-bench-rollout-example"
+    if not (out / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "toma_edge.cli", "build", "--target", "rpi",
+                        "--out", str(out)], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--devices", type=int, default=50)
@@ -95,8 +103,9 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=5.0, help="health window, seconds")
     ap.add_argument("--rate", default="exponential:2,2")
     ap.add_argument("--canary", type=int, default=1)
-    ap.add_argument("--bundle", type=Path, default=Path("/work/bundle-cache/rpi4"),
-                    help="a bundle folder (copied, never written)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="a bundle folder (copied, never written) [default: the built-in "
+                         "example, built once into the temp folder]")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -127,7 +136,7 @@ def main() -> None:
         pub.write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         v1 = tmp / "v1"
-        shutil.copytree(args.bundle, v1)
+        shutil.copytree(args.bundle or _example_bundle(), v1)
         sign_manifest(v1, priv)
         v2 = tmp / "v2"
         shutil.copytree(v1, v2)

@@ -58,7 +58,7 @@ from ...telemetry import MqttSettings, connect_properties, make_client, validate
 
 __all__ = ["RolloutParams", "Outcome", "parse_rate", "parse_percent", "plan_waves",
            "start_rollout", "Controller", "request_abort", "summary_line", "FINAL",
-           "TAKEN"]
+           "TAKEN", "owner_alive"]
 
 FINAL = frozenset({"healthy", "refused", "rolled_back", "timed_out", "skipped"})
 """Device states after which the controller does nothing more for it (but a rollback)."""
@@ -300,7 +300,7 @@ def summary_line(outcome: Outcome) -> str:
 # --------------------------------------------------------------------------- controlling
 
 
-def _owner_alive(owner: str) -> bool:
+def owner_alive(owner: str) -> bool:
     """Whether ``host:pid`` names a live process on this host (a remote one: assume so)."""
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -435,7 +435,7 @@ class Controller:
         """Become the rollout's controller; ConfigError when another live one holds it."""
         row = self.store.rollout(self.rid)
         prev = str(row["owner"] or "")
-        dead = prev if prev and not _owner_alive(prev) else None
+        dead = prev if prev and not owner_alive(prev) else None
         if not self.store.claim_rollout(self.rid, self.owner, now=time.time(),
                                         take_from=dead, stale_s=self.stale_s):
             raise ConfigError(f"rollout {self.rid} is being run by {prev} (heartbeat within "

@@ -123,7 +123,7 @@ def migrate_postgres(conninfo: str) -> str | None:
 
 def migrate(db: str | Path) -> str | None:
     """Upgrade the store named like :func:`~toma_edge.host.fleet.store.open_store` takes it."""
-    from .store import _split_db
+    from .sql import split_db
 
-    kind, target = _split_db(db)
+    kind, target = split_db(db)
     return migrate_postgres(target) if kind == "postgresql" else migrate_sqlite(target)

@@ -25,15 +25,15 @@ from typing import Any
 import psycopg
 
 from ...errors import TelemetryError
-from .store import (
+from .sql import (
     EVENT_COLUMNS,
     INSERT_EVENT,
     INSERT_TELEMETRY,
     STATUS_COLUMNS,
     TELEMETRY_COLUMNS,
     UPSERT_STATUS,
+    SqlStore,
     StoreUnavailable,
-    _SqlStore,
     one_line,
 )
 
@@ -59,7 +59,7 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(p._replace(netloc=f"{user}@{host}"))
 
 
-class PgFleetStore(_SqlStore):
+class PgFleetStore(SqlStore):
     """The PostgreSQL store at ``url`` (``postgresql://user@host:port/db``); ``method``:
     how a batch is inserted, ``"copy"`` (COPY into a temporary table, then INSERT ...
     SELECT ... ON CONFLICT DO NOTHING), ``"executemany"`` (pipeline mode) or ``"values"``

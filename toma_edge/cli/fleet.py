@@ -256,4 +256,3 @@ def prune(db: str, older_than: str) -> None:
     click.echo(", ".join(f"{n} {table}" for table, n in deleted.items()) + " rows deleted")
 
 
-_duration_s = duration_s  # until toma_edge/cli/rollout.py imports duration_s (then drop this)

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from .errors import handle_errors, raise_on_sigterm
-from .fleet import _duration_s, db_option, fleet, open_db
+from .fleet import db_option, duration_s, fleet, open_db
 
 __all__ = ["deploy", "rollouts", "rollout"]
 
@@ -131,9 +131,9 @@ def deploy(bundle: Path, url: str | None, password_file: Path | None, ca_file: P
     settings = _settings(url, password_file, ca_file, cert_file, key_file)
     params = RolloutParams(
         canary=canary, rate=rate,
-        health_window_s=_duration_s(health_window, option="--health-window"),
+        health_window_s=duration_s(health_window, option="--health-window"),
         abort_failed=parse_percent(abort_failed), abort_min=abort_min,
-        timeout_s=_duration_s(timeout, option="--timeout"), url=bundle_url,
+        timeout_s=duration_s(timeout, option="--timeout"), url=bundle_url,
         max_error_rate=max_error_rate, max_p99_ratio=max_p99_ratio,
         allow_contract_change=allow_contract_change, chunk_bytes=chunk_bytes).check()
     names = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
@@ -184,7 +184,7 @@ def rollout(rollout_id: str, db: str, url: str | None, password_file: Path | Non
 
     from ..errors import ConfigError
     from ..host.fleet.report import rollout_devices_table
-    from ..host.fleet.rollout import _owner_alive, request_abort
+    from ..host.fleet.rollout import owner_alive, request_abort
 
     store = open_db(db)
     try:
@@ -196,7 +196,7 @@ def rollout(rollout_id: str, db: str, url: str | None, password_file: Path | Non
             if abort:
                 request_abort(store, rollout_id)
                 owner = str(row["owner"] or "")
-                live = owner and _owner_alive(owner) and row["heartbeat"] is not None \
+                live = owner and owner_alive(owner) and row["heartbeat"] is not None \
                     and time.time() - float(row["heartbeat"]) < 30
                 if live:  # its controller rolls back; don't take its connection
                     click.echo(f"rollout {rollout_id}: abort requested from {owner}")
