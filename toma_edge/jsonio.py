@@ -22,7 +22,7 @@ import orjson
 
 from .errors import InputError
 
-__all__ = ["MAX_DEPTH", "loads", "dumps", "depth_exceeds", "numeric_rows"]
+__all__ = ["MAX_DEPTH", "loads", "dumps", "depth_exceeds", "numeric_rows", "json_type"]
 
 MAX_DEPTH = 32
 """Deepest nesting of arrays and objects accepted by default (a 4-D input in a request
@@ -90,19 +90,21 @@ def numeric_rows(value: Any, *, what: str = "'inputs'") -> Any:
     nesting; the shape itself (ragged rows, width) is the model's check, not this one.
     """
     if not isinstance(value, list):
-        raise InputError(f"{what} must be a list of rows, got {_json_type(value)}")
+        raise InputError(f"{what} must be a list of rows, got {json_type(value)}")
     stack: list[Any] = [value]
     while stack:
         o = stack.pop()
         if isinstance(o, list):
             stack.extend(o)
         elif isinstance(o, bool) or not isinstance(o, (int, float)):
-            raise InputError(f"{what} must hold JSON numbers only, found {_json_type(o)} "
+            raise InputError(f"{what} must hold JSON numbers only, found {json_type(o)} "
                              f"{_short(o)}")
     return value
 
 
-def _json_type(o: Any) -> str:
+def json_type(o: Any) -> str:
+    """What a parsed JSON value is, for messages: "null", "a boolean", "a string",
+    "an object", "an array" or "a number"."""
     if o is None:
         return "null"
     if isinstance(o, bool):
@@ -113,6 +115,8 @@ def _json_type(o: Any) -> str:
         return "an object"
     if isinstance(o, list):
         return "an array"
+    if isinstance(o, (int, float)):
+        return "a number"
     return type(o).__name__
 
 

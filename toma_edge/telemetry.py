@@ -37,7 +37,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, InputError, TelemetryError
-from .jsonio import loads
+from .jsonio import json_type, loads
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -271,7 +271,7 @@ class EventMessage(_Base):
                                      "characters without NUL")
             else:
                 raise ValueError(f"{key!r} must be a JSON string, number, boolean or null, "
-                                 f"got {_json_kind(val)}")
+                                 f"got {json_type(val)}")
         return v
 
 
@@ -311,7 +311,7 @@ def decode(kind: str, payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTE
     except InputError as e:
         raise TelemetryError(str(e).replace("invalid JSON", "not JSON")) from e
     if not isinstance(data, dict):
-        raise TelemetryError(f"{kind} payload must be a JSON object, got {_json_kind(data)}")
+        raise TelemetryError(f"{kind} payload must be a JSON object, got {json_type(data)}")
     if "v" not in data:
         raise TelemetryError(
             f"{kind} payload has no schema version 'v'; this collector reads v={SCHEMA_VERSION}")
@@ -326,20 +326,6 @@ def decode(kind: str, payload: bytes | str, *, max_bytes: int = MAX_PAYLOAD_BYTE
         return cls.model_validate(data, strict=True)  # type: ignore[return-value]
     except ValidationError as e:
         raise TelemetryError(f"{kind} payload is invalid: {_one_line(e)}") from e
-
-
-def _json_kind(o: Any) -> str:
-    if isinstance(o, dict):
-        return "an object"
-    if isinstance(o, list):
-        return "an array"
-    if isinstance(o, str):
-        return "a string"
-    if isinstance(o, bool):
-        return "a boolean"
-    if o is None:
-        return "null"
-    return "a number"
 
 
 # --------------------------------------------------------------------------- MQTT settings

@@ -37,7 +37,7 @@ from typing import Any
 
 from .app import Service, ServiceConfig
 
-__all__ = ["Service", "ServiceConfig", "serve"]
+__all__ = ["Service", "ServiceConfig", "serve", "listen"]
 
 log = logging.getLogger("toma_edge.service")
 
@@ -126,7 +126,7 @@ def serve(config: ServiceConfig) -> int:
     from .connections import guarded_protocol, raise_open_files_limit
 
     host, port = svc.http_address
-    sock = _listen(host, port)
+    sock = listen(host, port)
     # every connection is a file descriptor; keep 64 for the model, spool, broker, logs
     files = raise_open_files_limit(config.max_connections + 256)
     max_conn = max(16, min(config.max_connections, files - 64))
@@ -164,8 +164,9 @@ def _release(svc: Service) -> None:
     gc.collect()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a taken port is one clear error before anything runs."""
+def listen(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket (inheritable, SO_REUSEADDR), so that a taken port is one
+    clear error (ConfigError naming --http) before anything runs."""
     from ...errors import ConfigError
 
     try:
@@ -174,7 +175,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(2048)
+        sock.listen(backlog)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another "
                           "--http HOST:PORT") from e

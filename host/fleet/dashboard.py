@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -268,21 +267,6 @@ def make_app(store: Any, *, refresh_s: float = 1.0, max_devices: int = DEFAULT_M
     return app
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a taken port is one clear error before anything runs."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another "
-                          "--http HOST:PORT") from e
-    return sock
-
-
 def serve_dashboard(store: Any, host: str, port: int, *, refresh_s: float = 1.0,
                     max_devices: int = DEFAULT_MAX_DEVICES, history: int = DEFAULT_HISTORY,
                     on_listening: Callable[[str], None] | None = None) -> None:
@@ -298,7 +282,9 @@ def serve_dashboard(store: Any, host: str, port: int, *, refresh_s: float = 1.0,
                 self.force_exit = True
             self.should_exit = True
 
-    sock = _listen(host, port)
+    from ...device.service import listen
+
+    sock = listen(host, port, backlog=128)
     app = make_app(store, refresh_s=refresh_s, max_devices=max_devices, history=history)
     config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=1)
