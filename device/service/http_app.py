@@ -158,41 +158,42 @@ def _flag(request: Request, name: str) -> bool:
     raise RequestError(f"?{name}= takes true or false, got {value[:20]!r}")
 
 
-def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
-             on_shutdown: Callable[[], None] | None = None) -> Starlette:
-    """The service's ASGI app. ``on_startup``/``on_shutdown`` run in the lifespan (the
-    runner starts and stops the service there, after uvicorn drained its connections)."""
-    max_body = svc.max_body_bytes
-    pool = BodyPool(svc.body_pool_bytes)
-    timeout_s = svc.config.request_timeout_s
+class _Endpoints:
+    """The routes of one service's app: Starlette endpoints over the :class:`Service`."""
 
-    async def predict(request: Request) -> Response:
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        self.max_body = svc.max_body_bytes
+        self.pool = BodyPool(svc.body_pool_bytes)
+        self.timeout_s = svc.config.request_timeout_s
+
+    async def predict(self, request: Request) -> Response:
         t0 = time.perf_counter()
         n = 0
         status = 200
         held = [0]
         try:
-            if svc.draining:
+            if self.svc.draining:
                 raise ShuttingDown("the service is shutting down; retry on another device")
-            body = await _body(request, max_body, pool, held, timeout_s)
-            p = svc.model.predictor
+            body = await _body(request, self.max_body, self.pool, held, self.timeout_s)
+            p = self.svc.model.predictor
             ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
             if ctype == NPY_TYPE:
-                rows = decode_npy(body, p, max_rows=svc.max_request_rows)
+                rows = decode_npy(body, p, max_rows=self.svc.max_request_rows)
             elif ctype in (JSON, "text/json", "") or ctype.endswith("+json"):
-                rows = decode_json(body, p, max_rows=svc.max_request_rows)[1]
+                rows = decode_json(body, p, max_rows=self.svc.max_request_rows)[1]
             else:
                 raise RequestError(f"unsupported Content-Type {ctype[:60]!r}; send "
                                    f"application/json or {NPY_TYPE}", 415)
             del body
-            pool.give(held[0])
+            self.pool.give(held[0])
             held[0] = 0
             n = int(rows.shape[0])
             if n == 0:
                 pred = p.predict(rows)
             else:
                 fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-                svc.submit(rows, _resolver(fut))
+                self.svc.submit(rows, _resolver(fut))
                 pred = await fut
             if NPY_TYPE in request.headers.get("accept", ""):
                 buf = io.BytesIO()
@@ -219,26 +220,27 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             status = 500
             resp = _error(500, f"internal error: {type(e).__name__}: {e}")
         finally:
-            pool.give(held[0])
-        svc.record("http", status, time.perf_counter() - t0, n)
+            self.pool.give(held[0])
+        self.svc.record("http", status, time.perf_counter() - t0, n)
         return resp
 
-    async def healthz(request: Request) -> Response:
-        return Response(dumps(svc.health()), media_type=JSON)
+    async def healthz(self, request: Request) -> Response:
+        return Response(dumps(self.svc.health()), media_type=JSON)
 
-    async def readyz(request: Request) -> Response:
-        if svc.draining:
+    async def readyz(self, request: Request) -> Response:
+        if self.svc.draining:
             return _error(503, "shutting down")
         return Response(b'{"ready":true}', media_type=JSON)
 
-    async def metrics(request: Request) -> Response:
-        return Response(svc.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.svc.prometheus(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def receive_upload(request: Request, f: Any) -> int:
+    async def receive_upload(self, request: Request, f: Any) -> int:
         """Stream the body into ``f`` (a file on disk), at most the upload cap."""
-        limit = svc.max_upload_bytes
+        limit = self.svc.max_upload_bytes
         n = _content_length(request, limit, "a bundle upload")
-        budget = timeout_s + (n if n is not None else limit) / _SLOW_RATE
+        budget = self.timeout_s + (n if n is not None else limit) / _SLOW_RATE
         got = 0
 
         async def copy() -> None:
@@ -256,21 +258,21 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             raise RequestError(f"the upload did not arrive within {budget:.0f} s", 408) from None
         return got
 
-    async def model(request: Request) -> Response:
-        if svc.admin_token is None:
+    async def model(self, request: Request) -> Response:
+        if self.svc.admin_token is None:
             return _error(403, "model updates over HTTP are off; start the service with "
                                "--admin-token-file")
         auth = request.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(errors="replace"), svc.admin_token.encode()):
+                given.strip().encode(errors="replace"), self.svc.admin_token.encode()):
             return _error(401, "a valid 'Authorization: Bearer <token>' header is needed",
                           {"WWW-Authenticate": "Bearer"})
         try:
             allow = _flag(request, "allow_contract_change")
         except RequestError as e:
             return _error(e.status, str(e))
-        folder = svc.upload_dir()
+        folder = self.svc.upload_dir()
         try:
             fd, path = tempfile.mkstemp(prefix=".toma-edge-upload-", suffix=".tar.gz",
                                         dir=folder)
@@ -279,7 +281,7 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
         try:
             with os.fdopen(fd, "wb") as f:
                 try:
-                    size = await receive_upload(request, f)
+                    size = await self.receive_upload(request, f)
                 except RequestError as e:
                     return _error(e.status, str(e),
                                   {"Connection": "close"} if e.status == 408 else None)
@@ -291,17 +293,24 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
                 return _error(400, "the body must be a bundle .tar.gz (toma-edge build --archive)")
             try:
                 new, kept = await asyncio.to_thread(
-                    svc.update_from_upload, path, allow_contract_change=allow)
+                    self.svc.update_from_upload, path, allow_contract_change=allow)
             except (SwapInProgress, ContractChanged) as e:
                 return _error(409, str(e))
             except TomaEdgeError as e:
-                return _error(422, f"bundle refused, still serving {svc.model.name} "
-                                   f"{svc.model.version}: {e}")
+                return _error(422, f"bundle refused, still serving {self.svc.model.name} "
+                                   f"{self.svc.model.version}: {e}")
             except OSError as e:
                 return _error(507, f"bundle refused, no room to unpack it: {e.strerror}")
         finally:
             os.unlink(path)
         return Response(dumps({"model": new.describe(), "persisted": kept}), media_type=JSON)
+
+
+def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+             on_shutdown: Callable[[], None] | None = None) -> Starlette:
+    """The service's ASGI app. ``on_startup``/``on_shutdown`` run in the lifespan (the
+    runner starts and stops the service there, after uvicorn drained its connections)."""
+    ep = _Endpoints(svc)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -312,11 +321,11 @@ def make_app(svc: Service, *, on_startup: Callable[[asyncio.AbstractEventLoop], 
             await asyncio.to_thread(on_shutdown)
 
     return Starlette(routes=[
-        Route("/v1/predict", predict, methods=["POST"]),
-        Route("/v1/model", model, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/predict", ep.predict, methods=["POST"]),
+        Route("/v1/model", ep.model, methods=["POST"]),
+        Route("/healthz", ep.healthz, methods=["GET"]),
+        Route("/readyz", ep.readyz, methods=["GET"]),
+        Route("/metrics", ep.metrics, methods=["GET"]),
     ], lifespan=lifespan)
 
 
