@@ -378,7 +378,9 @@ def test_a_full_queue_refuses_at_once(example_bundle: Path) -> None:
     from toma_edge.device.service.models import ModelHolder
 
     # this pytest process carries torch and the export stack: a budget above its baseline
-    holder = ModelHolder.open(example_bundle, budget="16GiB")
+    # threads=1 like every in-process predictor of the suite: resizing XNNPACK's shared
+    # pool while another program holds it can hang that program's next run
+    holder = ModelHolder.open(example_bundle, budget="16GiB", threads=1)
     b = MicroBatcher(holder, max_queue_rows=8, max_batch_rows=4)
     rows = np.full((8, 10), 0.1, dtype=np.float32)
     answers: list[Any] = []
