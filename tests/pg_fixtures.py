@@ -51,8 +51,9 @@ class PgServer:
 
     def __init__(self, *, fsync: bool = False) -> None:
         if not (PG_BIN / "initdb").exists():
-            pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (apt-get install "
-                        "postgresql-15)")
+            # scripts/test.sh installs it: a missing server is a broken setup, not a pass
+            raise RuntimeError(f"PostgreSQL binaries not found in {PG_BIN}; run "
+                               "scripts/test.sh (apt-get install postgresql)")
         self.folder = Path(tempfile.mkdtemp(prefix="toma-edge-pg-"))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"

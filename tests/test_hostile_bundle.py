@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import os
+import random
 import resource
 import shutil
 import subprocess
@@ -479,16 +480,20 @@ p.run([np.zeros((1, *i.shape[1:]), i.dtype) for i in p.inputs])
 def test_isolate_refuses_a_model_that_crashes_the_runtime(example_bundle: Path,
                                                           tmp_path: Path) -> None:
     good = (example_bundle / "model.pte").read_bytes()
+    # the known crashers first, then single-byte changes from a fixed seed (fuzzing crashed
+    # the runtime within 300 changes in 5 of 5 runs): the test always has one to refuse
+    rng = random.Random(20261202)
+    changes = _CRASHERS + [(rng.randrange(64, len(good)), rng.randrange(256))
+                           for _ in range(400)]
     crasher = None
-    for at, value in _CRASHERS:
+    for at, value in changes:
         bad = good[:at] + bytes([value]) + good[at + 1:]
         r = subprocess.run([sys.executable, "-c", _RAW_LOAD], input=bad, capture_output=True,
                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if r.returncode < 0:  # killed by a signal: what an in-process load would do to serve
             crasher = bad
             break
-    if crasher is None:
-        pytest.skip("none of the known crashing byte changes crashes this build's model.pte")
+    assert crasher is not None, "no single-byte change crashed the runtime: update _CRASHERS"
     d = tmp_path / "b"
     shutil.copytree(example_bundle, d)
     (d / "model.pte").write_bytes(crasher)

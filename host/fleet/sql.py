@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,7 @@ def record_params(r: Record) -> tuple[Any, ...]:
     return (r.fleet, r.device_id, *(getattr(m, f) for f in _STATUS_FIELDS), r.received_at)
 
 
-class SqlStore:
+class SqlStore(ABC):
     """What both stores share: the batch logic, dead letters and every query; a dialect
     provides ``_tx``, ``_savepoint``, ``_bulk``, ``_one``, ``_rows``, ``_dicts`` and the
     error classification."""
@@ -213,31 +214,38 @@ class SqlStore:
     _DATA_ERRORS: tuple[type[BaseException], ...] = ()
 
     # -- dialect hooks ----------------------------------------------------------------------
+    @abstractmethod
     def _tx(self) -> contextlib.AbstractContextManager[Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _savepoint(self) -> contextlib.AbstractContextManager[Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _bulk(self, kind: str, rows: list[tuple[Any, ...]]) -> int:
         """Insert rows of ``kind`` (telemetry, events, status); returns rows new."""
-        raise NotImplementedError
+        ...
 
     def _one(self, kind: str, row: tuple[Any, ...]) -> int:
         return self._bulk(kind, [row])
 
+    @abstractmethod
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; returns the rows it changed."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _unavailable(self, e: BaseException) -> StoreUnavailable:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     def __enter__(self) -> Any:
         return self
