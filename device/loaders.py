@@ -282,6 +282,9 @@ class _TextReader(Reader):
 # -- CSV ------------------------------------------------------------------------------
 
 
+_BOOL_WORD = re.compile(rb"(?i)true|false")
+
+
 def csv_block_parser(engine: str | None = None) -> Callable[[bytes, bytes], np.ndarray]:
     """The fastest well-kept CSV parser installed: pandas' C parser where pandas is
     installed (the host), else numpy's C ``loadtxt`` (the lean device install; about
@@ -308,7 +311,11 @@ def csv_block_parser(engine: str | None = None) -> Callable[[bytes, bytes], np.n
         # float64 columns, then one cast of the whole block to float32 C order: ~10%
         # faster than dtype=float32 per column, the same values (pandas parses float32
         # columns as float64 and casts too). na_filter=False: no NA-string matching, ~15%
-        # faster; "nan" or "inf" still come out non-finite and go to the line-by-line path
+        # faster; "nan" or "inf" still come out non-finite and go to the line-by-line path.
+        # pandas' C parser always reads true/false (any of three spellings) as 1/0, with
+        # no option to turn it off: a block holding either word goes to the strict path
+        if _BOOL_WORD.search(block):
+            raise ValueError("a boolean word in a numeric block")
         df = pd.read_csv(io.BytesIO(block), header=None, sep=sep.decode(), engine="c",
                          skip_blank_lines=True, na_filter=False, dtype=np.float64,
                          quotechar='"')
