@@ -1,0 +1,68 @@
+"""The model zoo end to end, as a user would: architectures that are not ours (MobileNetV3,
+ResNet-18, EfficientNet-B0, a TCN, GRU, LSTM, a BERT encoder; tests/zoo_models.py) built
+by ``toma-edge build`` in a fresh process from a project file with ``quantize: auto`` and
+``prune: auto``, then run by ``toma-edge run`` on fresh rows and compared with the
+trained eager model that build saves beside the bundle (``<out>.eager.pt``).
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_zoo.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_zoo.py -k "mnv3"
+
+Sizes are the suite's ("tiny": seconds to train); bench/bench_zoo.py builds the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zoo_models as zoo
+
+pytestmark = pytest.mark.slow
+
+#: every zoo model for rpi4; two of them (a deep int8 CNN, a recurrent model) also for
+#: the Pi Zero 2 W's smaller budget
+CASES = [(name, "rpi4") for name in zoo.ZOO] + [("mnv3", "rpi-zero-2w"),
+                                                 ("gru", "rpi-zero-2w")]
+FRESH_ROWS = 200  # more than max_batch (64): the runtime splits them into batches
+
+
+@pytest.mark.parametrize(("name", "target"), CASES, ids=[f"{n}-{t}" for n, t in CASES])
+def test_zoo_model_builds_and_matches_eager(name: str, target: str, tmp_path: Path) -> None:
+    e = zoo.ZOO[name]
+    project = zoo.write_project(name, "tiny", tmp_path / "project")
+    out = tmp_path / "bundle"
+    rc, secs, _, err = zoo.cli("build", "--target", target, "--project", str(project),
+                               "--out", str(out))
+    assert rc == 0, f"build {name} for {target} failed after {secs:.0f} s: {zoo.last_error(err)}"
+    assert "Traceback" not in err
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["task"] == e.task and m["max_batch"] == e.max_batch
+    shipped = m["compression"]
+    assert shipped["quantization"] in ("fp32", "int8", "int8-dynamic")
+    assert 0.0 <= shipped["prune"] < 1.0
+    assert [c for c in m["candidates"] if c.get("shipped")], "no candidate marked shipped"
+    metric = "test_accuracy" if e.task == "classification" else "test_r2"
+    ref, got = m["metrics"]["reference"][metric], m["metrics"]["shipped"][metric]
+    # the zoo's tasks are learnable: a reference at chance means training went wrong
+    assert ref >= (2.0 / e.classes if e.task == "classification" else 0.5), (ref, m["metrics"])
+    assert np.isfinite(got)
+
+    # fresh rows of the same task (another seed), through the device's runner
+    X, y = e.rows_of("tiny", FRESH_ROWS, seed=7)
+    np.save(tmp_path / "x.npy", X)
+    rc, _, _, err = zoo.cli("run", str(out), "-i", str(tmp_path / "x.npy"),
+                            "-o", str(tmp_path / "y.npy"))
+    assert rc == 0, f"run {name} ({target}): {zoo.last_error(err)}"
+    bundle_out = np.load(tmp_path / "y.npy")
+    assert bundle_out.shape[0] == FRESH_ROWS and np.isfinite(bundle_out).all()
+
+    eager = zoo.eager_path(out)
+    assert eager.is_file(), f"build saved no trained eager model at {eager}"
+    got_cmp = zoo.compare(e.task, bundle_out, zoo.eager_outputs(zoo.load_eager(out), X), y)
+    if e.task == "classification":
+        assert got_cmp["agreement"] >= zoo.MIN_AGREEMENT, got_cmp
+    else:
+        assert got_cmp["rmse_diff"] <= zoo.MAX_RMSE_DIFF, got_cmp
