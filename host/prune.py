@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
-from typing import Literal, cast
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -44,8 +45,11 @@ from .train import TrainSpec, train_model
 
 __all__ = [
     "Criterion",
+    "Example",
     "PrunePair",
+    "PrunePlan",
     "find_prunable",
+    "pruning_plan",
     "unit_scores",
     "prune_structured",
     "finetune",
@@ -84,8 +88,397 @@ def _is_prunable_layer(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
 
-def find_prunable(model: nn.Module) -> list[PrunePair]:
-    """The producer -> consumer pairs of ``model`` that structured pruning can shrink."""
+Example = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What structured pruning changes in a model, and what it leaves alone and why.
+
+    ``prunable``: the Linear/Conv layers whose output units (channels) get removed.
+    ``groups``: the coupled sets among them (layers whose channels go together: both sides
+    of a residual add, a depthwise convolution and its input, an SE block's gate). Each
+    group is pruned by the same ratio, its channels ranked together. ``left_alone``:
+    (layer name, reason) for every layer whose units are kept. ``method`` is
+    ``"dependency graph"`` (torch-pruning's DepGraph over a traced forward pass) or
+    ``"chains"`` (no example input could be found: only simple chains, via torch.fx).
+    Truthy exactly when something can be pruned.
+    """
+
+    prunable: list[str]
+    left_alone: list[tuple[str, str]]
+    groups: list[list[str]] = field(default_factory=list)
+    method: str = "dependency graph"
+
+    def __bool__(self) -> bool:
+        return bool(self.prunable)
+
+    def describe(self) -> str:
+        """Human-readable lines, one per group and one per layer left alone."""
+        lines = [f"structured pruning ({self.method}): {len(self.groups)} group(s)"]
+        lines += [f"  prune together: {', '.join(g)}" for g in self.groups]
+        lines += [f"  left alone: {name}: {why}" for name, why in self.left_alone]
+        return "\n".join(lines)
+
+
+def _tp() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as e:  # pragma: no cover - a host install has it
+        raise ConfigError(
+            "structured pruning needs torch-pruning (pip install 'torch-pruning==1.6.1', "
+            "part of toma-edge[host])") from e
+    return torch_pruning
+
+
+# layers whose inner sizes torch-pruning cannot change safely for us: hidden sizes of
+# recurrent layers (gate blocks, the hidden state the runtime carries), attention heads
+_LEFT_ALONE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.RNNBase, "recurrent layer: its hidden size and gates are kept"),
+    (nn.MultiheadAttention, "attention: its embedding size and heads are kept"),
+)
+
+
+def _left_alone_pruner() -> Any:
+    """A torch-pruning pruner for layers we never change; it only marks them in the graph."""
+    tp = _tp()
+
+    class _LeftAlone(tp.pruner.function.BasePruningFunc):  # type: ignore[misc, name-defined]
+        TARGET_MODULES = None
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            raise ConfigError(f"internal: {type(layer).__name__} is left alone")
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            raise ConfigError(f"internal: {type(layer).__name__} is left alone")
+
+        def get_out_channels(self, layer: nn.Module) -> None:
+            return None
+
+        def get_in_channels(self, layer: nn.Module) -> None:
+            return None
+
+    return _LeftAlone()
+
+
+def _as_tuple(example: Example) -> tuple[torch.Tensor, ...]:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _first_layer_guesses(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Example inputs to try when none is given, from the model's first weighted layer."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return [(torch.rand(2, m.in_features),)]
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            nd = len(m.kernel_size)
+            sizes = (32, 28, 64, 16, 50, 100, 128, 224, 8, 96, 200, 256)
+            return [(torch.rand(2, m.in_channels, *([s] * nd)),) for s in sizes]
+        if isinstance(m, nn.RNNBase):
+            shape = (2, 8, m.input_size) if m.batch_first else (8, 2, m.input_size)
+            return [(torch.rand(*shape),)]
+        if isinstance(m, nn.Embedding):
+            return [(torch.zeros(2, 8, dtype=torch.long),)]
+    return []
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
+@torch.no_grad()
+def _find_example(model: nn.Module, given: Example | None) -> tuple[torch.Tensor, ...] | None:
+    """``given`` checked by one forward pass, else the first guess that runs, else None."""
+    if given is not None:
+        ex = _as_tuple(given)
+        try:
+            model(*ex)
+        except Exception as e:
+            raise ConfigError(
+                f"structured pruning: {type(model).__name__} does not run on the example input "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        return ex
+    for ex in _first_layer_guesses(model):
+        try:
+            model(*ex)
+        except Exception:  # a wrong guess of the input shape: try the next one
+            continue
+        return ex
+    return None
+
+
+def _kind(module: nn.Module) -> str | None:
+    for cls, why in _LEFT_ALONE_KINDS:
+        if isinstance(module, cls):
+            return why
+    return None
+
+
+class _Graph:
+    """torch-pruning's DepGraph of a working copy, with our rules on which groups may go."""
+
+    def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...],
+                 skip: set[str]) -> None:
+        tp = _tp()
+        self.tp = tp
+        self.model = model
+        self.example = example
+        self.names = {m: n for n, m in model.named_modules()}
+        self.skip = skip
+        self.order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        frozen = _left_alone_pruner()
+        kinds = {type(m) for m in model.modules() if _kind(m) is not None}
+        self.frozen = {m for m in model.modules() if _kind(m) is not None}
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, forward_fn=lambda m, xs: m(*xs),
+                customized_pruners={k: frozen for k in kinds}, verbose=False)
+        with torch.no_grad():
+            self.shapes = [tuple(t.shape) for t in _outputs(model(*example))]
+
+    def name(self, module: Any) -> str:
+        return self.names.get(module, "") if isinstance(module, nn.Module) else ""
+
+    def refusal(self, group: Any) -> str | None:
+        """Why ``group`` may not be pruned, or None."""
+        ops = self.tp.ops
+        for item in group:
+            node = item.dep.target
+            m = node.module
+            changes_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
+            if node.type == ops.OPTYPE.OUTPUT or (changes_out and not node.outputs):
+                return "its channels are the model's output (shape kept)"
+            if node.type == ops.OPTYPE.PARAMETER:
+                return "coupled with a bare nn.Parameter, whose layout is unknown"
+            if m in self.frozen:
+                return f"coupled with {type(m).__name__} '{self.name(m)}', which is left alone"
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not (
+                    m.groups == m.in_channels == m.out_channels):
+                return f"coupled with the grouped convolution '{self.name(m)}' (groups={m.groups})"
+            if self.name(m) in self.skip and changes_out:
+                return "pruning it broke the forward pass, so it is kept"
+        return None
+
+    def out_layers(self, group: Any) -> list[str]:
+        """The Linear/Conv layers whose output units ``group`` removes, in group order."""
+        names: list[str] = []
+        for item in group:
+            m = item.dep.target.module
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and \
+                    self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                n = self.name(m)
+                if n and n not in names:
+                    names.append(n)
+        return sorted(names, key=lambda s: self.order.get(s, 0))
+
+    def groups(self) -> Iterator[Any]:
+        tp = self.tp
+        return cast(Iterator[Any], self.dg.get_all_groups(
+            ignored_layers=[], root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)))
+
+    @torch.no_grad()
+    def still_runs(self) -> str | None:
+        """None when the model runs on the example with its output shapes, else the problem."""
+        try:
+            shapes = [tuple(t.shape) for t in _outputs(self.model(*self.example))]
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None if shapes == self.shapes else f"output shapes {shapes} != {self.shapes}"
+
+
+def _bn_follows(node: Any) -> bool:
+    return any(isinstance(o.module, nn.modules.batchnorm._BatchNorm) for o in node.outputs)
+
+
+@torch.no_grad()
+def _group_scores(graph: _Graph, group: Any, n: int, p: int) -> torch.Tensor:
+    """The stated criterion over a coupled group, shape (n,) for the root's n channels.
+
+    Incoming: every producer's rows (weights and bias) of channel j, the BatchNorm scale and
+    shift instead where a BatchNorm follows the producer, depthwise kernels; outgoing: every
+    consumer's input columns reading channel j (all H*W columns after a Flatten).
+    """
+    inc = torch.zeros(n, dtype=torch.float64)
+    out = torch.zeros(n, dtype=torch.float64)
+    dw = type(graph.tp.pruner.function.PrunerBox[graph.tp.ops.OPTYPE.DEPTHWISE_CONV])
+    has_in = has_out = False
+
+    def power(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(torch.float64).reshape(t.shape[0], -1)
+        return t.abs().sum(dim=1) if p == 1 else t.pow(2).sum(dim=1)
+
+    for item in group:
+        dep, idxs, root = item.dep, list(item.idxs), item.root_idxs
+        if not idxs:
+            continue
+        m, h = dep.target.module, dep.handler
+        ridx = torch.as_tensor(root, dtype=torch.long)
+        pos = torch.as_tensor(idxs, dtype=torch.long)
+        hname = getattr(h, "__name__", "")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            var = m.running_var if m.running_var is not None else torch.ones(c)
+            scale = (m.weight if m.affine else torch.ones(c)) / torch.sqrt(var + m.eps)
+            shift = m.bias if m.affine else torch.zeros(c)
+            inc.index_add_(0, ridx, power(torch.stack([scale, shift], dim=1)[pos]))
+            has_in = True
+        elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            w = m.weight
+            transposed = isinstance(m, nn.modules.conv._ConvNd) and m.transposed
+            rows = w.transpose(0, 1) if transposed else w  # (out, in, ...)
+            if isinstance(getattr(h, "__self__", None), dw) or hname == "prune_out_channels":
+                if _bn_follows(dep.target):
+                    continue  # the BatchNorm's scale and shift stand for this channel
+                r = rows[pos].reshape(len(idxs), -1)
+                if m.bias is not None:
+                    r = torch.cat([r, m.bias[pos].reshape(-1, 1)], dim=1)
+                inc.index_add_(0, ridx, power(r))
+                has_in = True
+            elif hname == "prune_in_channels":
+                out.index_add_(0, ridx, power(rows.transpose(0, 1)[pos]))
+                has_out = True
+    root_p = 1.0 / p
+    if has_in and has_out:
+        return (inc.pow(root_p) * out.pow(root_p)).float()
+    return (inc if has_in else out).pow(root_p).float()
+
+
+def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float | None,
+               p: int) -> tuple[nn.Module, PrunePlan, list[PrunePair]]:
+    """Prune every allowed group of a copy of ``model`` (``ratio=None``: one unit each, to
+    find which groups can go). A group whose pruning breaks the forward pass or changes an
+    output shape is excluded and the whole pass restarts on a fresh copy."""
+    skip: set[str] = set()
+    while True:
+        work = copy.deepcopy(model).eval()
+        graph = _Graph(work, example, skip)
+        left: dict[str, str] = {}
+        groups: list[list[str]] = []
+        pairs: list[PrunePair] = []
+        broken: str | None = None
+        for group in graph.groups():
+            outs = graph.out_layers(group)
+            why = graph.refusal(group)
+            root_item = group[0]
+            n = len(root_item.idxs)
+            if why is None and n < 2:
+                why = "a single unit: nothing to remove"
+            if why is not None:
+                for name in outs:
+                    left.setdefault(name, why)
+                continue
+            keep = n - 1 if ratio is None else max(1, int(round(n * (1.0 - ratio))))
+            if keep < n:
+                scores = _group_scores(graph, group, n, p)
+                kept = set(torch.topk(scores, keep).indices.tolist())
+                drop = [i for i in range(n) if i not in kept]
+                pg = graph.dg.get_pruning_group(root_item.dep.target.module,
+                                                root_item.dep.handler, drop)
+                if not graph.dg.check_pruning_group(pg):
+                    for name in outs:
+                        left.setdefault(name, "it would leave a coupled layer without units")
+                    continue
+                pairs.append(_summary_pair(graph, group, n, outs[0]))
+                pg.prune()
+                problem = graph.still_runs()
+                if problem is not None:
+                    broken = outs[0] if outs else graph.name(root_item.dep.target.module)
+                    skip.update(outs)
+                    break
+            else:
+                pairs.append(_summary_pair(graph, group, n, outs[0]))
+            groups.append(outs)
+        if broken is not None:
+            if len(skip) > 256:
+                raise ConfigError(f"structured pruning keeps breaking {type(model).__name__}'s "
+                                  f"forward pass (last: {problem}); use compress.prune: 0")
+            continue
+        traced = {graph.name(m) for m in graph.dg.module2node}
+        for name, m in work.named_modules():
+            why = _kind(m)
+            if why is not None:
+                left.setdefault(name, why)
+            elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and name not in left \
+                    and not any(name in g for g in groups):
+                inside = next((f for f in graph.frozen if name.startswith(graph.name(f) + ".")),
+                              None)
+                left[name] = (f"part of {type(inside).__name__} '{graph.name(inside)}'"
+                              if inside is not None else
+                              "not reached by the forward pass" if name not in traced else
+                              "its units cannot be removed here")
+        order = graph.order
+        groups.sort(key=lambda g: order.get(g[0], 0))
+        pairs.sort(key=lambda p: order.get(p.producer, 0))
+        prunable = sorted({n for g in groups for n in g}, key=lambda s: order.get(s, 0))
+        plan = PrunePlan(prunable=prunable,
+                         left_alone=sorted(left.items(), key=lambda kv: order.get(kv[0], 0)),
+                         groups=groups)
+        return work.eval(), plan, pairs
+
+
+def _summary_pair(graph: _Graph, group: Any, n: int, producer: str) -> PrunePair:
+    """The group as a PrunePair: its first producer, that producer's BatchNorm, the first
+    consumer reading the units, and its columns per unit (H*W after a Flatten)."""
+    order = graph.order
+    prod_node = next((it.dep.target for it in group if graph.name(it.dep.target.module) == producer),
+                     group[0].dep.target)
+    bn = next((graph.name(o.module) for o in prod_node.outputs
+               if isinstance(o.module, nn.modules.batchnorm._BatchNorm)), None)
+    readers = sorted(
+        ((graph.name(it.dep.target.module), len(it.idxs)) for it in group
+         if isinstance(it.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))
+         and getattr(it.dep.handler, "__name__", "") == "prune_in_channels"),
+        key=lambda r: order.get(r[0], 0))
+    consumer, cols = readers[0] if readers else ("", n)
+    return PrunePair(producer, consumer, bn, max(1, cols // max(1, n)))
+
+
+def _chains_plan(model: nn.Module, pairs: list[PrunePair]) -> PrunePlan:
+    prod = [p.producer for p in pairs]
+    left = [(n, "no example input ran, so only simple chains were analysed; pass "
+             "example_inputs") for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and n not in prod]
+    return PrunePlan(prunable=prod, left_alone=left, groups=[[p] for p in prod],
+                     method="chains")
+
+
+def pruning_plan(model: nn.Module, example_inputs: Example | None = None) -> PrunePlan:
+    """What ``prune_structured`` would remove from ``model`` and what it leaves alone, why.
+
+    ``example_inputs``: a batch (or tuple of inputs) the model runs on; without it the
+    input shape is guessed from the first layer, and when no guess runs only simple chains
+    are analysed (see the module docstring). ``model`` is not changed.
+    """
+    probe = copy.deepcopy(model).eval()
+    example = _find_example(probe, example_inputs)
+    if example is None:
+        return _chains_plan(model, _chain_pairs(model))
+    return _run_graph(probe, example, None, 2)[1]
+
+
+def find_prunable(model: nn.Module, example_inputs: Example | None = None) -> list[PrunePair]:
+    """One PrunePair per group of units ``prune_structured`` can remove (empty: nothing).
+
+    For a simple chain the pair is exact (producer, its consumer, the BatchNorm between,
+    H*W columns per channel after a Flatten); for a coupled group it names the group's
+    first producer and consumer (``pruning_plan`` lists the whole group).
+    """
+    probe = copy.deepcopy(model).eval()
+    example = _find_example(probe, example_inputs)
+    if example is None:
+        return _chain_pairs(model)
+    return _run_graph(probe, example, None, 2)[2]
+
+
+def _chain_pairs(model: nn.Module) -> list[PrunePair]:
+    """The simple producer -> consumer chains of ``model`` (torch.fx; no example input)."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many kinds on data-dependent Python control flow
@@ -219,20 +612,38 @@ def _shrunk_bn(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 
 @torch.no_grad()
-def prune_structured(model: nn.Module, ratio: float, *, criterion: Criterion = "l2") -> nn.Module:
-    """A copy of ``model`` with ``ratio`` of every prunable layer's units removed.
+def prune_structured(model: nn.Module, ratio: float, *, criterion: Criterion = "l2",
+                     example_inputs: Example | None = None) -> nn.Module:
+    """A copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
-    ``ratio`` is a fraction in [0, 1): 0.5 removes half the hidden neurons (channels) of
-    each producer, rounding to the nearest unit and keeping at least one. The copy is in
-    eval mode; fine-tune it (``finetune``) to recover accuracy. Raises ConfigError when
-    the model has nothing to prune and ``ratio > 0``.
+    ``ratio`` is a fraction in [0, 1): 0.5 removes half the channels (neurons) of each
+    coupled group (``pruning_plan``), rounding to the nearest unit and keeping at least one.
+    Input and output shapes never change. ``example_inputs``: a batch the model runs on
+    (guessed from the first layer when not given). The copy is in eval mode; fine-tune it
+    (``finetune``) to recover accuracy; ``model`` is untouched. Raises ConfigError when the
+    model has nothing to prune and ``ratio > 0`` (naming what was left alone and why).
     """
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"pruning ratio must be a fraction in [0, 1), got {ratio}")
-    model = copy.deepcopy(model).eval()
+    if criterion not in ("l1", "l2"):
+        raise ConfigError(f"unknown pruning criterion '{criterion}'; use l2 or l1")
+    work = copy.deepcopy(model).eval()
     if ratio == 0.0:
-        return model
-    pairs = find_prunable(model)
+        return work
+    example = _find_example(work, example_inputs)
+    if example is None:
+        return _prune_chains(work, ratio, criterion)
+    pruned, plan, _ = _run_graph(work, example, ratio, 1 if criterion == "l1" else 2)
+    if not plan:
+        why = "; ".join(f"{n}: {w}" for n, w in plan.left_alone[:4])
+        raise ConfigError(
+            f"{type(model).__name__}: nothing can be pruned ({why}); use compress.prune: 0")
+    return pruned
+
+
+def _prune_chains(model: nn.Module, ratio: float, criterion: Criterion) -> nn.Module:
+    """Simple chains only (no example input ran): remove units pair by pair, in place."""
+    pairs = _chain_pairs(model)
     if not pairs:
         raise ConfigError(
             f"{type(model).__name__} has no hidden Linear/Conv2d layer feeding another one "
@@ -257,6 +668,8 @@ def prune_structured(model: nn.Module, ratio: float, *, criterion: Criterion = "
     for name, keep in bn_keep.items():
         _set_module(model, name, _shrunk_bn(mods[name], keep))
     return model.eval()
+
+
 
 
 def finetune(
