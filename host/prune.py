@@ -169,7 +169,7 @@ def _first_layer_guesses(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
     """Example inputs to try when none is given, from the model's first weighted layer."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            return [(torch.rand(2, m.in_features),)]
+            return [(torch.rand(2, m.in_features),), (torch.rand(2, 8, m.in_features),)]
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
             nd = len(m.kernel_size)
             sizes = (32, 28, 64, 16, 50, 100, 128, 224, 8, 96, 200, 256)
@@ -235,11 +235,16 @@ class _Graph:
         frozen = _left_alone_pruner()
         kinds = {type(m) for m in model.modules() if _kind(m) is not None}
         self.frozen = {m for m in model.modules() if _kind(m) is not None}
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, forward_fn=lambda m, xs: m(*xs),
-                customized_pruners={k: frozen for k in kinds}, verbose=False)
+        hooks = [m.register_forward_hook(_opaque) for m in self.frozen]
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example, forward_fn=lambda m, xs: m(*xs),
+                    customized_pruners={k: frozen for k in kinds}, verbose=False)
+        finally:
+            for h in hooks:
+                h.remove()
         with torch.no_grad():
             self.shapes = [tuple(t.shape) for t in _outputs(model(*example))]
 
@@ -263,7 +268,7 @@ class _Graph:
                     m.groups == m.in_channels == m.out_channels):
                 return f"coupled with the grouped convolution '{self.name(m)}' (groups={m.groups})"
             if self.name(m) in self.skip and changes_out:
-                return "pruning it broke the forward pass, so it is kept"
+                return "pruning it broke the forward pass or a coupled layer, so it is kept"
         return None
 
     def out_layers(self, group: Any) -> list[str]:
@@ -278,10 +283,28 @@ class _Graph:
                     names.append(n)
         return sorted(names, key=lambda s: self.order.get(s, 0))
 
-    def groups(self) -> Iterator[Any]:
-        tp = self.tp
-        return cast(Iterator[Any], self.dg.get_all_groups(
-            ignored_layers=[], root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)))
+    def groups(self) -> Iterator[tuple[str, Any]]:
+        """(root layer, its full group) for each Linear/Conv whose outputs no earlier group
+        covers; the group is None (with the reason instead) where torch-pruning cannot
+        follow the channels. The same walk as ``DependencyGraph.get_all_groups``, one
+        root at a time so one failure names its layer instead of ending the walk."""
+        dg, visited = self.dg, set()
+        for m in list(dg.module2node):
+            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
+                continue
+            pruner = dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = dg.get_pruning_group(m, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(m))))
+            except Exception as e:  # a torch-pruning limit on this layer's coupling
+                yield self.name(m), f"torch-pruning cannot follow its channels ({type(e).__name__})"
+                continue
+            for item in group:
+                if dg.is_out_channel_pruning_fn(item.dep.handler):
+                    visited.add(item.dep.target.module)
+            yield self.name(m), group
 
     @torch.no_grad()
     def still_runs(self) -> str | None:
@@ -291,6 +314,22 @@ class _Graph:
         except Exception as e:
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return None if shapes == self.shapes else f"output shapes {shapes} != {self.shapes}"
+
+
+def _opaque(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """While tracing, a left-alone layer's outputs hang on its inputs by one step: the graph
+    sees the layer, not its inner gates and splits (which torch-pruning cannot map)."""
+    anchor: torch.Tensor | None = None
+    for t in _outputs(list(inputs)):
+        if t.is_floating_point() and t.requires_grad:
+            anchor = t.sum() * 0 if anchor is None else anchor + t.sum() * 0
+    if anchor is None:
+        return None
+    outs = output if isinstance(output, tuple) else (output,)
+    first = outs[0].detach() + anchor if isinstance(outs[0], torch.Tensor) else outs[0]
+    tie = first.sum() * 0 if isinstance(first, torch.Tensor) else anchor
+    rest = [o.detach() + tie if isinstance(o, torch.Tensor) else o for o in outs[1:]]
+    return (first, *rest) if isinstance(output, tuple) else first
 
 
 def _bn_follows(node: Any) -> bool:
@@ -363,7 +402,13 @@ def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float
         groups: list[list[str]] = []
         pairs: list[PrunePair] = []
         broken: str | None = None
-        for group in graph.groups():
+        # every group is ranked on the unpruned model first (the criterion reads each
+        # layer's original weights), then the groups are pruned one by one
+        todo: list[tuple[Any, Any, list[int], list[str]]] = []
+        for root_name, group in graph.groups():
+            if isinstance(group, str):
+                left.setdefault(root_name, group)
+                continue
             outs = graph.out_layers(group)
             why = graph.refusal(group)
             root_item = group[0]
@@ -375,30 +420,30 @@ def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float
                     left.setdefault(name, why)
                 continue
             keep = n - 1 if ratio is None else max(1, int(round(n * (1.0 - ratio))))
+            drop: list[int] = []
             if keep < n:
-                scores = _group_scores(graph, group, n, p)
-                kept = set(torch.topk(scores, keep).indices.tolist())
+                kept = set(torch.topk(_group_scores(graph, group, n, p), keep).indices.tolist())
                 drop = [i for i in range(n) if i not in kept]
-                pg = graph.dg.get_pruning_group(root_item.dep.target.module,
-                                                root_item.dep.handler, drop)
-                if not graph.dg.check_pruning_group(pg):
-                    for name in outs:
-                        left.setdefault(name, "it would leave a coupled layer without units")
-                    continue
-                pairs.append(_summary_pair(graph, group, n, outs[0]))
+            pairs.append(_summary_pair(graph, group, n, outs[0]))
+            groups.append(outs)
+            todo.append((root_item.dep.target.module, root_item.dep.handler, drop, outs))
+        for module, handler, drop, outs in todo:
+            if not drop:
+                continue
+            pg = graph.dg.get_pruning_group(module, handler, drop)
+            if not graph.dg.check_pruning_group(pg):
+                broken = f"{outs[0]}: it would leave a coupled layer without units"
+            else:
                 pg.prune()
                 problem = graph.still_runs()
-                if problem is not None:
-                    broken = outs[0] if outs else graph.name(root_item.dep.target.module)
-                    skip.update(outs)
-                    break
-            else:
-                pairs.append(_summary_pair(graph, group, n, outs[0]))
-            groups.append(outs)
+                broken = None if problem is None else f"{outs[0]}: {problem}"
+            if broken is not None:
+                skip.update(outs)
+                break
         if broken is not None:
             if len(skip) > 256:
                 raise ConfigError(f"structured pruning keeps breaking {type(model).__name__}'s "
-                                  f"forward pass (last: {problem}); use compress.prune: 0")
+                                  f"forward pass (last: {broken}); use compress.prune: 0")
             continue
         traced = {graph.name(m) for m in graph.dg.module2node}
         for name, m in work.named_modules():
@@ -427,8 +472,8 @@ def _summary_pair(graph: _Graph, group: Any, n: int, producer: str) -> PrunePair
     """The group as a PrunePair: its first producer, that producer's BatchNorm, the first
     consumer reading the units, and its columns per unit (H*W after a Flatten)."""
     order = graph.order
-    prod_node = next((it.dep.target for it in group if graph.name(it.dep.target.module) == producer),
-                     group[0].dep.target)
+    prod_node = next((it.dep.target for it in group
+                      if graph.name(it.dep.target.module) == producer), group[0].dep.target)
     bn = next((graph.name(o.module) for o in prod_node.outputs
                if isinstance(o.module, nn.modules.batchnorm._BatchNorm)), None)
     readers = sorted(
