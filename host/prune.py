@@ -1,27 +1,48 @@
-"""Structured pruning: remove whole Linear neurons and Conv2d channels, then fine-tune.
+"""Structured pruning through the dependency graph: remove whole channels, then fine-tune.
 
-    from toma_edge.host.prune import prune_structured, finetune
+    import torch
+    from toma_edge.host.prune import prune_structured, pruning_plan, finetune
     from toma_edge.host.example import ExampleRegressor
-    small = prune_structured(ExampleRegressor(), 0.5)      # 20-64-32-1 -> 20-32-16-1
+    x = torch.rand(2, 10)                                   # a batch the model runs on
+    print(pruning_plan(ExampleRegressor(), x).describe())   # groups, and what is left alone
+    small = prune_structured(ExampleRegressor(), 0.5, example_inputs=x)  # 20-32-16-1
     small = finetune(small, X_train, y_train, spec, epochs=20)
     sum(p.numel() for p in small.parameters())              # about a third of the original
 
-The model is traced with ``torch.fx``; a Linear or Conv2d (groups 1) is a *producer* when
-its output reaches exactly one Linear or Conv2d (the *consumer*) through element-wise
-layers (ReLU and other activations, Dropout, pooling, BatchNorm, Flatten). Pruning a
-producer's unit removes its row (filter), its bias, the matching BatchNorm entries and the
-consumer's input column (for Flatten -> Linear, the ``H*W`` columns of that channel). The
-last layer (the model's output) is never pruned, so inputs and outputs keep their shapes
-and the exported program is genuinely smaller and faster.
+The model runs once on ``example_inputs`` and torch-pruning's DepGraph (``torch_pruning``,
+1.6) builds the dependency graph of that forward pass. A *group* is a set of channels that
+must go together: both sides of a residual add (a ResNet stage's stem, downsample and every
+block's last conv), a depthwise convolution and the layer feeding it, a squeeze-excitation
+gate and the channels it scales, the input columns of every consumer (after a Flatten, the
+``H*W`` columns of each channel; after torch.cat, the columns at that branch's offset),
+BatchNorm/LayerNorm entries, biases. Every Linear and Conv (1-3 d) is the root of a group
+unless an earlier group already holds it.
+
+Left alone, and named with the reason by ``pruning_plan`` (``PrunePlan.left_alone``):
+groups that reach the model's output (the classifier/regressor layer's outputs; input and
+output shapes never change), recurrent layers (GRU/LSTM/RNN hidden sizes and gates),
+nn.MultiheadAttention (embedding size and heads; in a transformer the residual stream
+that runs through it stays, its feed-forward hidden layer is pruned), grouped (not
+depthwise) convolutions, bare nn.Parameters, and any group whose pruning makes the forward
+pass fail or change an output shape (each group is checked by a forward pass after it is
+pruned; the pass restarts without it). Weight norm is folded into plain weights in the
+pruned copy (the same function). ``prune_structured`` never changes its input.
+
+Without ``example_inputs`` the input shape is guessed from the first layer (Linear:
+``(2, in)`` or ``(2, 8, in)``; Conv: a few square sizes; GRU/LSTM: ``(2, 8, F)``); when no
+guess runs (a model that reshapes raw rows inside, like the digits CNN example's 64-pixel
+rows), only simple chains are found with torch.fx (a Linear or Conv2d feeding exactly
+one Linear or Conv2d through element-wise layers), ``PrunePlan.method == "chains"``.
 
 Importance of unit ``j`` (the stated criterion): ``||in_j||_p * ||out_j||_p`` with ``p = 2``
-(``criterion="l2"``, default) or ``p = 1`` (``"l1"``); ``in_j`` is the producer's weights
-and bias of that unit, replaced by the BatchNorm scale ``|gamma_j| / sqrt(var_j + eps)`` and
-shift when BatchNorm follows (BatchNorm cancels the filter's own scale), and ``out_j`` is
-the consumer's weights that read the unit (its outgoing weights). With ReLU, scaling a
-unit's incoming weights by ``a`` and outgoing by ``1/a`` changes nothing; the product does
-not change either, unlike either norm alone. The lowest-ranked units of every producer
-are removed, the same ``ratio`` per layer, keeping at least one.
+(``criterion="l2"``, default) or ``p = 1`` (``"l1"``); ``in_j`` is every producer's weights
+and bias of that unit (depthwise kernels too), replaced by the BatchNorm scale
+``|gamma_j| / sqrt(var_j + eps)`` and shift where BatchNorm follows (BatchNorm cancels the
+filter's own scale), and ``out_j`` is every consumer's weights that read the unit (its
+outgoing weights). With ReLU, scaling a unit's incoming weights by ``a`` and outgoing by
+``1/a`` changes nothing; the product does not change either, unlike either norm alone.
+All groups are ranked on the unpruned model; the lowest-ranked units of every group are
+removed, the same ``ratio`` per group (rounded, at least one unit kept).
 
 ``prune_magnitude`` (unstructured) only zeroes single weights: the tensors keep their
 shapes, so with dense kernels (XNNPACK, and the .pte file) it saves no memory, no storage
@@ -173,7 +194,11 @@ def _first_layer_guesses(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
             nd = len(m.kernel_size)
             sizes = (32, 28, 64, 16, 50, 100, 128, 224, 8, 96, 200, 256)
-            return [(torch.rand(2, m.in_channels, *([s] * nd)),) for s in sizes]
+            guesses: list[tuple[torch.Tensor, ...]] = [
+                (torch.rand(2, m.in_channels, *([s] * nd)),) for s in sizes]
+            if nd == 1:  # sequence models often take (N, T, F) and transpose inside
+                guesses += [(torch.rand(2, s, m.in_channels),) for s in sizes]
+            return guesses
         if isinstance(m, nn.RNNBase):
             shape = (2, 8, m.input_size) if m.batch_first else (8, 2, m.input_size)
             return [(torch.rand(*shape),)]
@@ -316,6 +341,29 @@ class _Graph:
         return None if shapes == self.shapes else f"output shapes {shapes} != {self.shapes}"
 
 
+def _fold_reparametrizations(model: nn.Module) -> nn.Module:
+    """Weight norm (the old hook or torch.nn.utils.parametrizations) folded into plain
+    weights, in place: the same function, and weights torch-pruning can slice."""
+    from torch.nn.utils import parametrize
+
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            # by hand: remove_parametrizations edits the injected class, which a deepcopy
+            # shares with the caller's model (it would break the original)
+            names = list(cast(nn.ModuleDict, m.parametrizations).keys())
+            values = {n: getattr(m, n).detach().clone() for n in names}
+            del m._modules["parametrizations"]
+            m.__class__ = m.__class__.__bases__[0]
+            for n, v in values.items():
+                m.register_parameter(n, nn.Parameter(v))
+        for hook in list(getattr(m, "_forward_pre_hooks", {}).values()):
+            if type(hook).__name__ == "WeightNorm":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.nn.utils.remove_weight_norm(m, getattr(hook, "name", "weight"))
+    return model
+
+
 def _opaque(module: nn.Module, inputs: Any, output: Any) -> Any:
     """While tracing, a left-alone layer's outputs hang on its inputs by one step: the graph
     sees the layer, not its inner gates and splits (which torch-pruning cannot map)."""
@@ -396,7 +444,7 @@ def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float
     output shape is excluded and the whole pass restarts on a fresh copy."""
     skip: set[str] = set()
     while True:
-        work = copy.deepcopy(model).eval()
+        work = _fold_reparametrizations(copy.deepcopy(model).eval())
         graph = _Graph(work, example, skip)
         left: dict[str, str] = {}
         groups: list[list[str]] = []
@@ -434,8 +482,12 @@ def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float
             if not graph.dg.check_pruning_group(pg):
                 broken = f"{outs[0]}: it would leave a coupled layer without units"
             else:
-                pg.prune()
-                problem = graph.still_runs()
+                try:
+                    pg.prune()
+                except Exception as e:  # a layer torch-pruning's handler cannot change
+                    problem: str | None = f"{type(e).__name__}: {e}"
+                else:
+                    problem = graph.still_runs()
                 broken = None if problem is None else f"{outs[0]}: {problem}"
             if broken is not None:
                 skip.update(outs)
