@@ -418,3 +418,43 @@ def test_resnet18_sized_model_prunes_in_well_under_a_few_seconds() -> None:
     took = time.perf_counter() - t0
     assert _params(p) < 0.35 * _params(m)
     assert took < 3.0, f"pruning a ResNet-18-sized model took {took:.2f} s"
+
+
+class HardCodedView(nn.Module):
+    """A reshape with sizes written into the forward: pruning ``a`` would break it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 12), nn.Linear(4, 8)
+        self.c, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).view(-1, 3, 4).sum(dim=1)  # 12 units read as 3 x 4
+        return self.out(torch.relu(self.c(torch.relu(self.b(h)))))
+
+
+def test_a_group_that_breaks_the_forward_pass_is_left_alone_and_named() -> None:
+    x = torch.rand(2, 4)
+    plan = pruning_plan(HardCodedView(), x)
+    assert dict(plan.left_alone)["a"].startswith("pruning it broke the forward pass")
+    assert plan.groups == [["b"], ["c"]]
+    p: Any = prune_structured(HardCodedView(), 0.5, example_inputs=x)
+    assert (p.a.out_features, p.b.out_features, p.c.out_features) == (12, 4, 4)
+    assert p(torch.rand(5, 4)).shape == (5, 2)
+
+
+def test_weight_norm_is_folded_in_the_copy_and_the_original_still_runs() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    m = _warm(TinyTCN(), SEQUENCE)
+    for block in m.blocks:
+        block.conv1 = weight_norm(block.conv1)
+    x = torch.rand(3, *SEQUENCE)
+    with torch.no_grad():
+        want = m(x)
+    p: Any = prune_structured(m, 0.5, example_inputs=x[:2])
+    assert type(p.blocks[0].conv1) is nn.Conv1d and p.blocks[0].conv1.out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want)  # the caller's parametrized model untouched
+        assert p(x).shape == want.shape
+    assert pruning_plan(m, x).groups == pruning_plan(TinyTCN(), x).groups
