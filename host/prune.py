@@ -642,7 +642,12 @@ def _norm(t: torch.Tensor, p: int) -> torch.Tensor:
 
 @torch.no_grad()
 def unit_scores(model: nn.Module, pair: PrunePair, *, criterion: Criterion = "l2") -> torch.Tensor:
-    """Importance of each unit of ``pair.producer`` (see the module docstring), shape (units,)."""
+    """Importance of each unit of ``pair.producer`` (see the module docstring), shape (units,).
+
+    Exact for a simple chain (a Linear/Conv2d producer and consumer); for a coupled group
+    (``find_prunable`` names its first producer and consumer) ``prune_structured`` ranks
+    with every layer of the group, which this pair alone does not see.
+    """
     if criterion not in ("l1", "l2"):
         raise ConfigError(f"unknown pruning criterion '{criterion}'; use l2 or l1")
     p = 1 if criterion == "l1" else 2
