@@ -446,7 +446,7 @@ def test_a_group_that_breaks_the_forward_pass_is_left_alone_and_named() -> None:
 def test_weight_norm_is_folded_in_the_copy_and_the_original_still_runs() -> None:
     from torch.nn.utils.parametrizations import weight_norm
 
-    m = _warm(TinyTCN(), SEQUENCE)
+    m: Any = _warm(TinyTCN(), SEQUENCE)
     for block in m.blocks:
         block.conv1 = weight_norm(block.conv1)
     x = torch.rand(3, *SEQUENCE)
