@@ -186,7 +186,8 @@ def _load_folder(
 
     n = resolve_threads(vb.manifest, threads)
     if isolate:
-        probe_program(data, adapter=adapter, where=folder / "model.pte")
+        probe_program(data, adapter=adapter, where=folder / "model.pte",
+                      batch=vb.manifest.export_batch or 1)
     program = load_program(data, threads=n, adapter=adapter)
     _check_io(folder, vb.manifest, program)
     return LoadedBundle(source=source, path=folder, manifest=vb.manifest, program=program,
@@ -215,15 +216,17 @@ def _check_io(folder: Path, m: Manifest, program: Any) -> None:
 
 
 def probe_program(data: bytes, *, adapter: str = "auto", where: str | Path = "model.pte",
-                  timeout_s: float = 120.0) -> None:
-    """Load ``data`` (a .pte's bytes) and run it once on zeros (one row) in a child
-    process; BundleError if the child crashes, hangs past ``timeout_s`` or fails.
+                  timeout_s: float = 120.0, batch: int = 1) -> None:
+    """Load ``data`` (a .pte's bytes) and run it once on zeros (``batch`` rows: one, or a
+    fixed-batch program's batch) in a child process; BundleError if the child crashes,
+    hangs past ``timeout_s`` or fails.
 
     The child costs a Python start and one more copy of the model for a moment (~0.3 s,
     a few MiB for a small model); the caller then loads the same bytes in-process.
     """
     try:
-        r = subprocess.run([sys.executable, "-m", "toma_edge.device.bundle", "--probe", adapter],
+        r = subprocess.run([sys.executable, "-m", "toma_edge.device.bundle", "--probe", adapter,
+                            str(int(batch))],
                            input=data, capture_output=True, timeout=timeout_s,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     except subprocess.TimeoutExpired as e:
@@ -247,7 +250,7 @@ def probe_program(data: bytes, *, adapter: str = "auto", where: str | Path = "mo
     raise BundleError(f"{where}: {why}")
 
 
-def _probe_main(adapter: str) -> int:
+def _probe_main(adapter: str, batch: int = 1) -> int:
     """The child of :func:`probe_program`: the .pte's bytes on stdin."""
     import numpy as np
 
@@ -256,7 +259,7 @@ def _probe_main(adapter: str) -> int:
 
     try:
         prog = load_program(sys.stdin.buffer.read(), threads=1, adapter=adapter)
-        arrays = [np.zeros((1, *i.shape[1:]), dtype=i.dtype) for i in prog.inputs]
+        arrays = [np.zeros((batch, *i.shape[1:]), dtype=i.dtype) for i in prog.inputs]
         prog.run(arrays)
     except TomaEdgeError as e:
         print(" ".join(str(e).split()))
@@ -265,4 +268,5 @@ def _probe_main(adapter: str) -> int:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:
-    sys.exit(_probe_main(sys.argv[2] if len(sys.argv) > 2 else "auto"))
+    sys.exit(_probe_main(sys.argv[2] if len(sys.argv) > 2 else "auto",
+                         int(sys.argv[3]) if len(sys.argv) > 3 else 1))

@@ -18,6 +18,11 @@ peak over the budget (or an out-of-memory error) makes :class:`toma_edge.adaptiv
 shrink the batch. The results never depend on the batch size (unless the manifest says
 ``batch_dependent``, int8-dynamic, where rows of one call share activation scales).
 
+A program exported for a fixed batch (the manifest's ``export_batch``: recurrent graphs)
+runs every call at exactly that many rows: a shorter batch is padded with copies of its
+last row and the padding's outputs dropped, a longer one split; its cost is that batch's
+measured peak whatever the number of rows.
+
 Thread safety: one Predictor may be shared by threads. Calls run their batches one at a
 time through the program (an ExecuTorch method is not reentrant); the policy's state is
 guarded by a lock.
@@ -96,6 +101,8 @@ class Predictor:
                              f"this one has {len(m.inputs)} inputs and {len(m.outputs)} outputs")
         self.input_spec = m.inputs[0]
         self.output_spec = m.outputs[0]
+        #: the one batch a fixed-batch program runs at (None: any batch up to max_batch)
+        self.fixed_batch: int | None = m.export_batch
 
         if budget is None:
             self.budget = MemoryBudget(m.target.memory_budget_bytes,
@@ -134,6 +141,9 @@ class Predictor:
         """Largest batch (rows, <= max_batch) whose measured peak fits ``bytes_available``
         bytes; 0 when not even one row fits. Use it to size a service's micro-batch."""
         mem = self.manifest.memory
+        if self.fixed_batch:
+            fits = mem.peak_for_batch(self.fixed_batch) <= bytes_available
+            return self.fixed_batch if fits else 0
         lo, hi = 0, self.manifest.max_batch
         while lo < hi:  # measured peaks grow with the batch: bisect
             mid = (lo + hi + 1) // 2
@@ -145,6 +155,8 @@ class Predictor:
 
     def batch_cost_bytes(self, rows: int) -> int:
         """Measured peak RSS rise (bytes) of one batch of ``rows`` rows (manifest figures)."""
+        if self.fixed_batch:
+            rows = self.fixed_batch
         return self.manifest.memory.peak_for_batch(max(1, min(rows, self.manifest.max_batch)))
 
     @property
@@ -250,7 +262,7 @@ class Predictor:
             raise InputError(f"out must be a C-contiguous float32 array of shape {shape}, "
                              f"got {out.dtype} {out.shape}")
         i = batches = 0
-        run = self.program.run_batches_into
+        run = self._run_fixed_into if self.fixed_batch else self.program.run_batches_into
         probe = peak_probe()
         while i < n:
             size = self._policy.size
@@ -284,6 +296,20 @@ class Predictor:
             self.rows_done += n
             self.batches_done += batches
         return self._answer(out)
+
+    def _run_fixed_into(self, x: np.ndarray, out: np.ndarray, size: int) -> None:
+        """run_batches_into for a fixed-batch program: whole batches of its size, then the
+        rest padded with copies of its last row (``size`` is the policy's; ignored)."""
+        b = self.fixed_batch
+        assert b is not None
+        whole = len(x) // b * b
+        if whole:
+            self.program.run_batches_into(x[:whole], out[:whole], b)
+        rest = len(x) - whole
+        if rest:
+            pad = np.concatenate([x[whole:], np.repeat(x[-1:], b - rest, axis=0)])
+            (y,) = self.program.run([pad])
+            out[whole:] = y[:rest]
 
     def _answer(self, out: np.ndarray) -> Prediction:
         if self.manifest.task != "classification" or out.ndim != 2:

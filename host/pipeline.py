@@ -18,10 +18,11 @@ nothing half-written. The test split is only ever scored, never searched or trai
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -58,9 +59,8 @@ from .export import (
     export_net,
     export_program,
     quantize_model,
-    run_rows,
 )
-from .measure import measure_peaks
+from .measure import finish_peak_measurement, measure_peaks, start_peak_measurement
 from .search import (
     BuildChoice,
     Candidate,
@@ -77,11 +77,13 @@ from .train import (
     TrainSpec,
     evaluate,
     evaluate_data,
+    fastest_threads,
     kfold_indices,
     loader_budget_bytes,
     predict_numpy,
     train_model,
 )
+from .verify import Agreement, Tolerance, compare_program, run_padded
 
 __all__ = [
     "BuildResult",
@@ -89,6 +91,10 @@ __all__ = [
     "make_plan",
     "build",
     "compress_saved",
+    "package",
+    "check_model_takes_rows",
+    "chance_warnings",
+    "eager_model_path",
     "memory_policy",
     "CrossValidation",
     "train_and_validate",
@@ -152,15 +158,17 @@ def make_plan(
     storage_budget: str | int | None = None,
     train_budget: str | int | None = None,
     latency_budget_ms: float | None = None,
+    source: ModelSource | None = None,
 ) -> Plan:
-    """Resolve the target profile, the project (None: the built-in example) and the
-    budgets (None: the target's); ``out`` defaults to ``dist/<target>``."""
+    """Resolve the target profile, the project (None: the built-in example; ``source``:
+    one already resolved) and the budgets (None: the target's); ``out`` defaults to
+    ``dist/<target>``."""
     profile = load_profile(target)
     storage = (parse_size(storage_budget) if storage_budget is not None
                else profile.storage_budget_bytes)
     train = (parse_size(train_budget, total_bytes=profile.ram_bytes) if train_budget is not None
              else profile.train_budget_bytes)
-    src = load_source(project)
+    src = source if source is not None else load_source(project)
     src.project = with_target_defaults(src.project, profile)
     return Plan(profile=profile, source=src,
                 out=Path(out) if out is not None else Path("dist") / profile.name,
@@ -200,8 +208,17 @@ def build(
 def _build(plan: Plan, progress: Progress, *, sign_key: str | Path | None,
            archive: bool) -> BuildResult:
     t0 = time.perf_counter()
+    with training_threads(plan, progress):
+        return _build_steps(plan, progress, t0, sign_key=sign_key, archive=archive)
+
+
+def _build_steps(plan: Plan, progress: Progress, t0: float, *, sign_key: str | Path | None,
+                 archive: bool) -> BuildResult:
     model, cv = train_and_validate(plan, memory_policy(plan, progress), progress)
     reference = {**test_metrics(plan, model), **cv.reference}
+    warnings = chance_warnings(plan, reference)
+    for w in warnings:
+        progress.info(f"warning: {w}")
     choice = choose_variant(plan, model, progress)
     exported = export_variant(plan, choice.model, choice.quantization, progress)
     with BundleWriter(plan.out) as writer:
@@ -215,10 +232,16 @@ def _build(plan: Plan, progress: Progress, *, sign_key: str | Path | None,
             candidates=choice.candidates, shipped=choice.shipped, reference=reference,
             shipped_metrics=shipped, checked=checked,
             build=dict(train=plan.source.project.train.model_dump(mode="json"),
-                       data=_data_info(plan, train_rows=int(plan.source.training.rows))))
+                       data=_data_info(plan, train_rows=int(plan.source.training.rows)),
+                       warnings=tuple(warnings), eager_model=eager_model_path(plan.out).name))
+        saved = save_eager_model(model, eager_model_path(plan.out))
         bundle = write_bundle(writer, plan, manifest, checked, choice.candidates, choice.shipped,
                               sign_key=sign_key, archive=archive)
-    return _result(plan, bundle, t0, exported)
+    saved.replace(eager_model_path(plan.out))
+    res = _result(plan, bundle, t0, exported)
+    res.summary.append(f"  trained eager fp32 model: {eager_model_path(plan.out)} "
+                       "(torch.load it to compare, or toma-edge compress it again)")
+    return res
 
 
 def compress_saved(
@@ -242,21 +265,273 @@ def compress_saved(
     prog = as_progress(progress)
     plan = make_plan(target=target, project=project, out=out, storage_budget=storage_budget,
                      latency_budget_ms=latency_budget_ms)
-    model = load_saved_model(model_path, plan.source.factory)
+    model = load_saved_model(model_path, plan.source.factory, project=project)
+    check_model_takes_rows(model, plan, what=f"{Path(model_path).name}",
+                           hint="pass --project with the data it was trained on"
+                           if project is None else "is it the project's model?")
     reference = test_metrics(plan, model)
-    res, data = search_variants(plan, model, prog)
+    warnings = [*chance_warnings(plan, reference),
+                "the compression search scored candidates on a validation split of the "
+                "project's training rows, which the saved model was most likely trained on: "
+                "its val_ figures are optimistic; the test_ figures are held out"]
+    for w in warnings:
+        prog.info(f"note: {w}")
+    with training_threads(plan, prog):
+        res, data = search_variants(plan, model, prog)
+    return _write_searched(plan, res, reference, prog, t0, build=dict(
+        command="compress", source_model=str(model_path), data=data, warnings=tuple(warnings)))
+
+
+def _write_searched(plan: Plan, res: CompressResult, reference: dict[str, float],
+                    progress: Progress, t0: float, *, build: dict[str, Any],
+                    sign_key: str | Path | None = None, archive: bool = False) -> BuildResult:
+    """Verify, measure and write the search's shipped program (compress and package)."""
     with BundleWriter(plan.out) as writer:
-        checked = verify_and_measure(plan, res.export, writer.path, NullProgress())
+        checked = verify_and_measure(plan, res.export, writer.path, progress)
         manifest = bundle_manifest(
             plan, res.export, res.model, quantization=res.shipped.quantization,
             prune=res.shipped.prune, candidates=res.candidates, shipped=res.shipped,
-            reference=reference, shipped_metrics=checked.metrics, checked=checked,
-            build=dict(command="compress", source_model=str(model_path), data=data))
-        bundle = write_bundle(writer, plan, manifest, checked, res.candidates, res.shipped)
+            reference=reference, shipped_metrics=checked.metrics, checked=checked, build=build)
+        bundle = write_bundle(writer, plan, manifest, checked, res.candidates, res.shipped,
+                              sign_key=sign_key, archive=archive)
     return _result(plan, bundle, t0, res.export)
 
 
+def package(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    calibration: Any,
+    evaluation: tuple[Any, Any],
+    target: str = "rpi",
+    out: str | Path | None = None,
+    task: Task | None = None,
+    classes: list[str] | None = None,
+    name: str = "model",
+    version: str | None = None,
+    quantize: str | list[str] = "auto",
+    prune: float | str = 0.0,
+    finetune: Callable[[nn.Module], nn.Module] | None = None,
+    max_batch: int | None = None,
+    verify: dict[str, float] | None = None,
+    storage_budget: str | int | None = None,
+    latency_budget_ms: float | None = None,
+    sign_key: str | Path | None = None,
+    archive: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Bundle a model trained in the user's own loop: the same search, verification,
+    measurement and bundle writing as build, without training.
+
+        from toma_edge.host import package
+        res = package(model, X[:8], calibration=X_train[:256], evaluation=(X_val, y_val),
+                      target="rpi4", out="dist/rpi4")   # (N, C, H, W) or (N, T, F) rows too
+
+    ``model``: eager, fp32; a classifier returns logits (the program ends in softmax).
+    ``example_inputs``: a few input rows (a tensor or array, or a 1-tuple of one): their
+    shape after the batch is the program's row shape. ``calibration``: rows for int8
+    calibration (a few hundred, from the training data). ``evaluation``: held-out
+    ``(X, y)``; half (stratified) scores the candidates, the other half is the bundle's
+    ``test_`` metrics. ``task``: inferred when None (integer labels and more than one
+    output: classification). ``quantize``: a kind, ``auto`` or a list of kinds.
+    ``prune``: a ratio or ``auto``; pruned copies are fine-tuned by ``finetune(model) ->
+    model`` (required when pruning: only the caller knows how to train the model).
+    ``verify``: ``{"min_agreement": 0.97, "max_error": 0.05}`` overrides.
+    """
+    t0 = time.perf_counter()
+    prog = as_progress(progress)
+    plan, choose_rows = _package_plan(
+        model, example_inputs, calibration, evaluation, target=target, out=out, task=task,
+        classes=classes, name=name, version=version, quantize=quantize, prune=prune,
+        max_batch=max_batch, verify=verify, storage_budget=storage_budget,
+        latency_budget_ms=latency_budget_ms)
+    if plan.source.project.compress.prune != 0.0 and finetune is None:
+        raise ConfigError("pruning needs fine-tuning in your own loop: pass "
+                          "finetune=callable(model) -> model, or prune=0.0")
+    model = model.eval()
+    reference = test_metrics(plan, model)
+    warnings = chance_warnings(plan, reference)
+    for w in warnings:
+        prog.info(f"warning: {w}")
+    src = plan.source
+    Xc, yc = choose_rows
+    prog.phase("searching compression variants")
+    res = compress(model, src.project.compress, task=plan.task, train=(src.X_train, src.y_train),
+                   val=(Xc, yc), target=plan.profile, max_batch=plan.max_batch,
+                   storage_budget=plan.storage_bytes, latency_budget_ms=plan.latency_budget_ms,
+                   spec=plan.spec, progress=prog, finetune_fn=finetune)
+    prog.done()
+    prog.info("compression candidates (* shipped):\n" + res.table())
+    data = DataInfo(train_rows=0, test_rows=len(src.X_test), validation_rows=len(Xc),
+                    builtin_example=False)
+    return _write_searched(plan, res, reference, prog, t0, sign_key=sign_key, archive=archive,
+                           build=dict(command="package", data=data, warnings=tuple(warnings)))
+
+
+def _rows(a: Any, what: str) -> np.ndarray:
+    """Rows as a float32 array (N, ...), from a tensor, an array or a 1-tuple of one."""
+    if isinstance(a, (tuple, list)) and len(a) == 1 and not np.isscalar(a[0]):
+        a = a[0]
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    try:
+        x = np.asarray(a, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what}: not numeric rows ({e})") from e
+    if x.ndim < 2 or len(x) == 0:
+        raise InputError(f"{what}: needs rows of shape (N, features...), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{what}: holds NaN or infinite values")
+    return x
+
+
+def _package_plan(model: nn.Module, example_inputs: Any, calibration: Any,
+                  evaluation: tuple[Any, Any], *, target: str, out: str | Path | None,
+                  task: Task | None, classes: list[str] | None, name: str, version: str | None,
+                  quantize: str | list[str], prune: float | str, max_batch: int | None,
+                  verify: dict[str, float] | None, storage_budget: str | int | None,
+                  latency_budget_ms: float | None
+                  ) -> tuple[Plan, tuple[np.ndarray, np.ndarray]]:
+    """package()'s inputs checked (one-line errors) into a Plan, and the half of the
+    evaluation rows that scores candidates."""
+    from ..project import ProjectConfig
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model: a torch.nn.Module is needed, got {type(model).__name__}")
+    ex = _rows(example_inputs, "example_inputs")
+    X_cal = _rows(calibration, "calibration")
+    if not isinstance(evaluation, (tuple, list)) or len(evaluation) != 2:
+        raise InputError("evaluation: pass (X, y), held-out rows and their targets")
+    X_ev = _rows(evaluation[0], "evaluation X")
+    y_ev = np.asarray(evaluation[1].detach().cpu().numpy()
+                      if isinstance(evaluation[1], torch.Tensor) else evaluation[1])
+    for what, x in (("calibration", X_cal), ("evaluation X", X_ev)):
+        if x.shape[1:] != ex.shape[1:]:
+            raise InputError(f"{what}: rows of shape {x.shape[1:]} but example_inputs has "
+                             f"{ex.shape[1:]}")
+    if len(y_ev) != len(X_ev):
+        raise InputError(f"evaluation: {len(X_ev)} rows in X but {len(y_ev)} targets in y")
+    out_shape = _output_shape(model, ex)
+    if task is None:
+        task = ("classification" if np.issubdtype(y_ev.dtype, np.integer) and out_shape[-1] > 1
+                else "regression")
+    if task == "classification":
+        y_ev = y_ev.reshape(-1)
+        if not np.issubdtype(y_ev.dtype, np.integer) or y_ev.min() < 0 \
+                or y_ev.max() >= out_shape[-1]:
+            raise InputError(f"evaluation y: class indices 0..{out_shape[-1] - 1} needed for a "
+                             f"model with {out_shape[-1]} outputs")
+    else:
+        y_ev = y_ev.astype(np.float32).reshape(len(y_ev), -1)
+        if y_ev.shape[1] != out_shape[-1]:
+            raise InputError(f"evaluation y: {y_ev.shape[1]} targets per row but the model "
+                             f"gives {out_shape[-1]} outputs")
+    n_classes = out_shape[-1] if task == "classification" else 0
+    if classes is not None and len(classes) != n_classes:
+        raise InputError(f"classes: {len(classes)} names for {n_classes} outputs")
+    compress_cfg: dict[str, Any] = {"quantize": quantize, "prune": prune}
+    if verify:
+        compress_cfg["verify"] = verify
+    raw: dict[str, Any] = {"name": name, "task": task, "version": version,
+                           "model": "toma_edge.host.pipeline:package",
+                           "data": "toma_edge.host.pipeline:package",
+                           "train": {"folds": 0}, "compress": compress_cfg}
+    if max_batch is not None:
+        raw["export"] = {"max_batch": max_batch}
+    try:
+        proj = ProjectConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"package: {describe_validation_error(e)}") from e
+    # half the evaluation rows choose, the other half report (both when too few to split)
+    if len(X_ev) >= 40:
+        choose_idx, report_idx = validation_split(len(X_ev), task=task, y=y_ev, fraction=0.5)
+    else:
+        choose_idx = report_idx = np.arange(len(X_ev))
+    y_cal = (np.zeros(len(X_cal), np.int64) if task == "classification"
+             else np.zeros((len(X_cal), out_shape[-1]), np.float32))  # unused: no training
+
+    def factory() -> nn.Module:
+        import copy
+
+        return copy.deepcopy(model)
+
+    src = ModelSource(proj, factory, X_cal, y_cal, X_ev[report_idx], y_ev[report_idx],
+                      classes=list(classes) if classes else [str(i) for i in range(n_classes)])
+    plan = make_plan(target=target, out=out, storage_budget=storage_budget,
+                     latency_budget_ms=latency_budget_ms, source=src)
+    return plan, (X_ev[choose_idx], y_ev[choose_idx])
+
+
+def _output_shape(model: nn.Module, x: np.ndarray) -> tuple[int, ...]:
+    try:
+        with torch.no_grad():
+            y = model.eval()(torch.as_tensor(x[:2]))
+    except Exception as e:  # noqa: BLE001  (the user's forward: any error)
+        raise InputError(f"the model does not run on example_inputs of shape {x.shape[1:]}: "
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                         ) from e
+    if not isinstance(y, torch.Tensor) or y.ndim != 2:
+        raise InputError("the model must return one tensor of shape (N, outputs); got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    return tuple(int(d) for d in y.shape)
+
+
 # --- the steps ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def training_threads(plan: Plan, progress: Progress) -> Iterator[None]:
+    """Run the build on the thread count a training step of this model is fastest on
+    here and now (measured: a tiny model on a busy 2-core machine is many times faster on
+    one thread than on two); torch's count is restored after."""
+    src = plan.source
+    before = torch.get_num_threads()
+    choice = fastest_threads(src.factory(), src.X_train, src.y_train, plan.spec)
+    if choice.step_ms:
+        progress.info(choice.describe())
+    torch.set_num_threads(choice.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def eager_model_path(out: Path) -> Path:
+    """Where build saves the trained eager fp32 model: beside the bundle folder, named
+    after it (``dist/rpi4`` -> ``dist/rpi4.eager.pt``)."""
+    return out.parent / f"{out.name}.eager.pt"
+
+
+def save_eager_model(model: nn.Module, path: Path) -> Path:
+    """``torch.save`` the whole module to a temporary file beside ``path`` (renamed into
+    place once the bundle is written); ``toma-edge compress`` and ``torch.load`` read it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, tmp)
+    return tmp
+
+
+def chance_warnings(plan: Plan, reference: dict[str, float]) -> list[str]:
+    """A warning when the trained fp32 model is no better than guessing on the test
+    split: accuracy within 2 points of always answering the most common class, or R2
+    below 0.05. Shipping such a model is allowed (it may be a placeholder), never silent."""
+    src = plan.source
+    if plan.task == "classification" and "test_accuracy" in reference:
+        labels = np.asarray(src.y_test).reshape(-1)
+        if not len(labels):
+            return []
+        _, counts = np.unique(labels, return_counts=True)
+        guess = float(counts.max() / len(labels))
+        acc = reference["test_accuracy"]
+        if acc <= guess + 0.02:
+            return [f"the trained model is at chance level: test accuracy {acc:.3f} against "
+                    f"{guess:.3f} for always answering the most common class; check the data "
+                    "and labels, train longer (train.epochs) or change train.lr"]
+    if plan.task == "regression" and reference.get("test_r2", 1.0) < 0.05:
+        return [f"the trained model explains almost none of the target: test R2 "
+                f"{reference['test_r2']:.3f}; check the data, train longer (train.epochs) or "
+                "change train.lr"]
+    return []
 
 
 def memory_policy(plan: Plan, progress: Progress) -> MemoryPolicy:
@@ -286,6 +561,9 @@ def train_and_validate(plan: Plan, memory: MemoryPolicy, progress: Progress
     the target's preferred quantization of it), then train on all training rows."""
     src, spec, task = plan.source, plan.spec, plan.task
     folds, seed = src.project.train.folds, src.project.train.seed
+    if folds and "folds" not in src.project.train.model_fields_set and not src.builtin:
+        progress.info(f"cross-validating on {folds} folds (the default; set train.folds: 0 "
+                      "to skip it, or fewer to build faster)")
     kind = preferred_quantization(src.project.compress.quantize, plan.profile)
     cal_batches = src.project.compress.calibration_batches
     progress.phase("training", total=spec.epochs * (folds + 1))
@@ -318,13 +596,20 @@ def train_and_validate(plan: Plan, memory: MemoryPolicy, progress: Progress
     return model, CrossValidation(kind, _mean_metrics(cv_ref), _mean_metrics(cv_q))
 
 
-def load_saved_model(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
+def load_saved_model(path: str | Path, factory: Callable[[], nn.Module], *,
+                     project: str | Path | None = None) -> nn.Module:
     """A model saved with ``torch.save``: the module itself, or a state_dict for ``factory()``."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such model file; save one with torch.save(model, '{p.name}')")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:  # the pickled class's module is not importable here
+        where = ("the project's folder does not hold it either" if project is not None
+                 else "pass --project with the project file whose folder holds that module")
+        raise ConfigError(f"{p}: the saved module's class comes from module '{e.name}', which "
+                          f"is not importable here; {where} (or save a state_dict and pass "
+                          "--project with its model factory)") from e
     except Exception as e:  # pickle and zip errors of many kinds
         raise InputError(f"{p}: cannot load it with torch.load ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); save the module or its "
@@ -344,6 +629,37 @@ def load_saved_model(path: str | Path, factory: Callable[[], nn.Module]) -> nn.M
             ) from e
         return model.eval()
     raise InputError(f"{p}: holds a {type(obj).__name__}, not a torch.nn.Module or a state_dict")
+
+
+def check_model_takes_rows(model: nn.Module, plan: Plan, *, what: str, hint: str) -> None:
+    """ConfigError (one line) unless ``model`` runs on two of the plan's training rows and
+    gives what the task needs: (N, K) with K at least the number of classes, or (N, T)
+    with T the targets per row."""
+    src = plan.source
+    x = torch.as_tensor(np.asarray(src.X_train[:2], dtype=np.float32))
+    rows = tuple(src.X_train.shape[1:])
+    data = "the built-in example" if src.builtin else "the project's data"
+    try:
+        with torch.no_grad():
+            y = model.eval()(x)
+    except Exception as e:  # noqa: BLE001  (the user's forward: any error)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{what} does not take rows of shape {rows} from {data} "
+                          f"({type(e).__name__}: {first}); {hint}") from e
+    if not isinstance(y, torch.Tensor) or y.ndim != 2:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"{what} returns {got} on rows from {data}; the pipeline needs one "
+                          "tensor of shape (N, outputs)")
+    if plan.task == "classification":
+        k = len(src.classes) or int(np.max(src.y_train)) + 1
+        if y.shape[1] < k:
+            raise ConfigError(f"{what} gives {y.shape[1]} outputs but {data} has {k} classes; "
+                              f"{hint}")
+    else:
+        t = int(np.asarray(src.y_train).reshape(len(src.y_train), -1).shape[1])
+        if y.shape[1] != t:
+            raise ConfigError(f"{what} gives {y.shape[1]} outputs but {data} has {t} targets "
+                              f"per row; {hint}")
 
 
 def test_metrics(plan: Plan, model: nn.Module) -> dict[str, float]:
@@ -410,55 +726,58 @@ class Checked:
     test_pred: np.ndarray
     metrics: dict[str, float]
     measured: dict[str, Any]
+    #: what the comparison with the eager model measured (top-1 agreement, error, ...)
+    verify: dict[str, float] = field(default_factory=dict)
 
 
 def verify_and_measure(plan: Plan, exported: ExportResult, folder: Path,
                        progress: Progress) -> Checked:
     """Write model.pte into ``folder``, load it in the ExecuTorch runtime, check it agrees
-    with the eager model, score it on the test split and measure its peak per batch size
-    in a fresh device process."""
+    with the eager model at several batch sizes, score it on the test split and measure
+    its peak per batch size in a fresh device process (a fixed-batch program at its batch:
+    one row costs that many)."""
     src = plan.source
     pte_path = folder / "model.pte"
     pte_path.write_bytes(exported.pte)
     progress.phase("verifying in the ExecuTorch runtime")
     program = load_program(pte_path, threads=1)  # loaded once: verify, metrics, plot
-    diff = verify_program(src, exported, program, plan.max_batch)
-    pred = run_rows(program, src.X_test, plan.max_batch)
-    del program
+    try:
+        agreement = verify_program(plan, exported, program)
+        fixed = exported.fixed_batch
+        pred = run_padded(program, src.X_test, fixed or plan.max_batch, fixed=fixed is not None)
+    finally:
+        program.close()
     metrics = evaluate(lambda x: pred, src.X_test, src.y_test, plan.task, prefix="test_")
     progress.phase("measuring memory per batch size")
-    measured = measure_peaks(pte_path, plan.max_batch)
-    progress.done()
-    return Checked(pte_path, diff, pred, metrics, measured)
-
-
-def verify_program(src: ModelSource, res: ExportResult, program: Any, max_batch: int) -> float:
-    """Run 256 raw rows (or max_batch) through the loaded program and compare with the
-    eager model; the largest absolute difference, or BundleError past the tolerance."""
-    rng = np.random.default_rng(1)
-    n = min(256, max_batch)
-    rows = src.X_test[rng.choice(len(src.X_test), size=n, replace=len(src.X_test) < n)]
-    got = run_rows(program, rows, max_batch)
-    with torch.no_grad():
-        want = res.reference(torch.as_tensor(rows)).numpy()
-    diff = float(np.max(np.abs(got - want)))
-    if res.quantization == "fp32":
-        tol = 1e-4 * (1 + float(np.max(np.abs(want))))
+    if fixed:
+        measured = finish_peak_measurement(start_peak_measurement(pte_path, (fixed,)))
+        peak = measured["measured_peak_bytes"][str(fixed)]
+        measured["measured_peak_bytes"] = {"1": peak, str(fixed): peak}
     else:
-        # XNNPACK's int8 kernels round requantization differently from the eager
-        # simulation: allow two 8-bit steps of the output range, no more
-        step = float(np.max(want) - np.min(want)) / 255.0
-        tol = 2.0 * step + 1e-5
-        if src.task == "classification":
-            # rounding differences compound per int8 layer: a 4-layer int8 CNN (digits_cnn)
-            # differs by up to 0.03 in probability from the eager simulation
-            tol = max(tol, 0.05)
-    if not np.isfinite(got).all() or diff > tol:
-        raise BundleError(
-            f"the exported program disagrees with the eager {res.quantization} model "
-            f"(max difference {diff:.3g} > {tol:.3g}); not shipping it"
-        )
-    return diff
+        measured = measure_peaks(pte_path, plan.max_batch)
+    progress.done()
+    return Checked(pte_path, agreement.max_abs_diff, pred, metrics, measured,
+                   agreement.figures())
+
+
+def verify_program(plan: Plan, res: ExportResult, program: Any) -> Agreement:
+    """Run up to 256 test rows through the loaded program at several batch sizes and
+    compare with the eager model by what the task cares about (``compress.verify``);
+    BundleError with the reason when it disagrees or fails."""
+    src = plan.source
+    rng = np.random.default_rng(1)
+    n = min(256, max(len(src.X_test), 1))
+    pick = rng.choice(len(src.X_test), size=n, replace=len(src.X_test) < n)
+    cfg = src.project.compress.verify
+    agreement = compare_program(program, res.reference, src.X_test[pick], task=plan.task,
+                                max_batch=plan.max_batch, quantization=res.quantization,
+                                y=np.asarray(src.y_test)[pick],
+                                tolerance=Tolerance(cfg.min_agreement, cfg.max_error),
+                                fixed_batch=res.fixed_batch)
+    if not agreement.ok:
+        raise BundleError(f"the exported {res.quantization} program {agreement.reason}; not "
+                          "shipping it (compress.verify sets how close it must be)")
+    return agreement
 
 
 def measure_single(plan: Plan, choice: BuildChoice, exported: ExportResult, checked: Checked,
@@ -471,7 +790,8 @@ def measure_single(plan: Plan, choice: BuildChoice, exported: ExportResult, chec
         checked.pte_path, planned_bytes=exported.planned_bytes,
         peak_bytes=int(measured["measured_peak_bytes"]["1"]), adapter=measured["adapter"],
         profile=plan.profile, storage_bytes=plan.storage_bytes,
-        latency_budget_ms=plan.latency_budget_ms, metric=metric, value=shipped_metrics.get(metric))
+        latency_budget_ms=plan.latency_budget_ms, metric=metric, value=shipped_metrics.get(metric),
+        fixed_batch=exported.fixed_batch)
     progress.info("compression candidates (* shipped):\n" + choice.table())
     return choice
 
@@ -516,7 +836,8 @@ def bundle_manifest(
     src, profile = plan.source, plan.profile
     proj = src.project
     now = _dt.datetime.now(_dt.timezone.utc)
-    n_out = int(exported.reference(torch.as_tensor(src.X_test[:2])).shape[1])
+    n_out = int(exported.reference(torch.as_tensor(_rows_for(exported, src.X_test))).shape[1])
+    fixed = exported.fixed_batch
     weights = sum(p.numel() for p in model.parameters()) * (1 if quantization != "fp32" else 4)
     extra: dict[str, Any] = {"classes": tuple(src.classes)} if proj.task == "classification" else {}
     measured = checked.measured
@@ -534,7 +855,8 @@ def bundle_manifest(
             inputs=(TensorSpec(name="x", shape=(-1, *src.X_train.shape[1:]), dtype="float32"),),
             outputs=(TensorSpec(name="y" if proj.task == "regression" else "probabilities",
                                 shape=(-1, n_out), dtype="float32"),),
-            max_batch=proj.export.max_batch,
+            max_batch=fixed or proj.export.max_batch,
+            export_batch=fixed,
             shipped=quantization,
             compression={"quantization": quantization, "prune": prune},
             candidates=tuple(c.entry(shipped=c is shipped) for c in candidates),
@@ -548,7 +870,8 @@ def bundle_manifest(
             versions=_versions(),
             created=now.isoformat(timespec="seconds"),
             build=BuildInfo(measured_with=measured["adapter"],
-                            verify_max_abs_diff=checked.verify_max_abs_diff, **build),
+                            verify_max_abs_diff=checked.verify_max_abs_diff,
+                            verify=checked.verify or None, **build),
             **extra,
         )
     except ValidationError as e:  # the format we promise, checked before anything is written
@@ -568,6 +891,15 @@ def write_bundle(writer: BundleWriter, plan: Plan, manifest: Manifest, checked: 
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+def _rows_for(exported: ExportResult, X: np.ndarray) -> np.ndarray:
+    """Two rows to trace an output shape with (a fixed-batch program's batch of them)."""
+    rows = np.asarray(X[:2])
+    if exported.fixed_batch:
+        reps = -(-exported.fixed_batch // max(1, len(rows)))
+        rows = np.concatenate([rows] * reps)[: exported.fixed_batch]
+    return rows
 
 
 def _data_info(plan: Plan, *, train_rows: int, validation_rows: int | None = None) -> DataInfo:
@@ -653,6 +985,8 @@ def summary_lines(m: Manifest, profile: TargetProfile, seconds: float) -> list[s
     names = (["cv_rmse", "cv_r2", "test_rmse", "test_r2"] if m.task == "regression"
              else ["cv_accuracy", "test_accuracy"])
     lines = [f"built {m.name} {m.version} for {profile.name} in {seconds:.1f} s"]
+    for w in (m.build.warnings if m.build else ()):
+        lines.append(f"  warning: {w}")
     lines.append(f"  {'':10s}" + "".join(f"{n:>15s}" for n in names))
     for label, mm in (("fp32", ref), (m.shipped, shp)):
         lines.append(f"  {label:10s}"

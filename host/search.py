@@ -29,7 +29,7 @@ import functools
 import math
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from torch import nn
 from ..budget import format_size, parse_size
 from ..bundle import CandidateEntry
 from ..device.adapter import load_program
-from ..errors import BudgetError, ConfigError
+from ..errors import BudgetError, BundleError, ConfigError
 from ..profiles import TargetProfile, load_profile
 from ..progress import Progress
 from ..project import CompressConfig
@@ -50,11 +50,11 @@ from .export import (
     calibration_batches,
     export_net,
     export_program,
-    run_rows,
 )
 from .measure import finish_peak_measurement, latency_ms, start_peak_measurement
 from .prune import Criterion, find_prunable, finetune, prune_structured
 from .train import Task, TrainSpec, evaluate
+from .verify import Tolerance, compare_program, run_padded
 
 __all__ = [
     "AUTO_PRUNE",
@@ -69,6 +69,7 @@ __all__ = [
     "format_table",
     "validation_split",
     "default_tolerance",
+    "finetune_epochs_for",
     "BuildChoice",
     "search_for_build",
 ]
@@ -95,14 +96,30 @@ class Candidate:
     miss: str = ""
     #: how far over its worst limit, as a fraction (0 when it fits)
     over: float = 0.0
+    #: why the candidate was dropped (it failed to export or run, or disagreed with its
+    #: eager model); "" for a candidate that was measured
+    dropped: str = ""
+    #: the batch the program is fixed at (None: dynamic 1..max_batch)
+    fixed_batch: int | None = None
 
     @property
     def label(self) -> str:
         return f"{self.quantization} pruned {self.prune:.0%}"
 
+    @classmethod
+    def failed(cls, quantization: Quantization, prune: float, metric: str, why: str
+               ) -> Candidate:
+        """A candidate dropped for ``why``: nothing measured, never chosen."""
+        return cls(quantization, prune, 0, 0, 0, float("nan"), metric, float("nan"), False,
+                   dropped=why)
+
     def entry(self, *, shipped: bool) -> CandidateEntry:
         """The manifest's ``candidates`` entry (a metric that was not scored is null)."""
-        extra = {} if not self.miss else {"miss": self.miss}
+        extra: dict[str, object] = {} if not self.miss else {"miss": self.miss}
+        if self.dropped:
+            extra["dropped"] = self.dropped
+        if self.fixed_batch:
+            extra["export_batch"] = self.fixed_batch
         return CandidateEntry(
             quantization=self.quantization, prune=self.prune, pte_bytes=self.pte_bytes,
             planned_bytes=self.planned_bytes, latency_ms=self.latency_ms, fits=self.fits,
@@ -130,9 +147,12 @@ def default_tolerance(task: Task | str) -> float:
     return 0.005
 
 
-def allowed_quantizations(quantize: str) -> tuple[Quantization, ...]:
+def allowed_quantizations(quantize: str | Sequence[str]) -> tuple[Quantization, ...]:
     """The kinds ``compress.quantize`` allows: ``auto`` all of :data:`ALL_QUANTIZATIONS`,
-    ``none`` (or ``fp32``) fp32 alone, a kind itself alone. The one meaning of ``auto``."""
+    ``none`` (or ``fp32``) fp32 alone, a kind itself alone, a list those kinds (in the
+    order of :data:`ALL_QUANTIZATIONS`). The one meaning of ``auto``."""
+    if not isinstance(quantize, str):
+        return tuple(k for k in ALL_QUANTIZATIONS if k in quantize)
     if quantize == "auto":
         return ALL_QUANTIZATIONS
     if quantize in ("none", "fp32"):
@@ -140,7 +160,8 @@ def allowed_quantizations(quantize: str) -> tuple[Quantization, ...]:
     return (quantize,)  # type: ignore[return-value]
 
 
-def preferred_quantization(quantize: str, profile: TargetProfile) -> Quantization:
+def preferred_quantization(quantize: str | Sequence[str], profile: TargetProfile
+                           ) -> Quantization:
     """Of the allowed kinds, the target's preferred one (its ``export.quantization``;
     ``auto`` there means int8), else the first allowed: what build's cross-validation
     scores before the search has chosen."""
@@ -159,6 +180,12 @@ def candidate_variants(config: CompressConfig, *, prunable: bool = True
     else:
         ratios = (float(config.prune),)
     return [(k, r) for r in ratios for k in kinds]
+
+
+def finetune_epochs_for(config: CompressConfig, spec: TrainSpec) -> int:
+    """Fine-tuning epochs after pruning: ``compress.finetune_epochs``, else a fifth of
+    ``train.epochs`` (at least 5)."""
+    return config.finetune_epochs or max(5, spec.epochs // 5)
 
 
 def validation_split(n: int, *, task: Task | str, y: np.ndarray | None = None,
@@ -207,9 +234,14 @@ def choose(candidates: Iterable[Candidate], *, tolerance: float,
     Metrics are higher-is-better (R2, accuracy); ties in size go to the better metric.
     Raises BudgetError naming the closest candidate when none fits.
     """
-    cands = list(candidates)
-    if not cands:
+    every = list(candidates)
+    if not every:
         raise ConfigError("no compression candidates to choose from")
+    cands = [c for c in every if not c.dropped]
+    if not cands:
+        first = every[0]
+        more = f" (and {len(every) - 1} more candidates failed)" if len(every) > 1 else ""
+        raise BundleError(f"no compression candidate works: {first.label} {first.dropped}{more}")
     fitting = [c for c in cands if c.fits]
     if not fitting:
         closest = min(cands, key=lambda c: (c.over, c.pte_bytes))
@@ -235,6 +267,9 @@ def format_table(candidates: Iterable[Candidate], shipped: Candidate | None = No
     lines = [head]
     for c in cands:
         mark = "*" if c is shipped else " "
+        if c.dropped:
+            lines.append(f"{mark} {c.quantization:13s}{c.prune:6.2f}  dropped: {c.dropped}")
+            continue
         lines.append(
             f"{mark} {c.quantization:13s}{c.prune:6.2f}{format_size(c.pte_bytes):>10s}"
             f"{format_size(c.planned_bytes):>10s}{format_size(c.peak_bytes):>10s}{c.latency_ms:9.3f}"
@@ -258,14 +293,19 @@ def compress(
     finetune_epochs: int | None = None,
     criterion: Criterion = "l2",
     progress: Progress | None = None,
+    finetune_fn: Callable[[nn.Module], nn.Module] | None = None,
 ) -> CompressResult:
     """Search the variants ``config`` allows for ``model`` (trained, fp32, raw logits for
     classification) and return the one to ship; see the module docstring.
 
     ``train`` rows fine-tune the pruned copies and calibrate int8; ``val`` rows score them.
     ``spec`` sets the fine-tuning's learning rate and batch (default: Adam 1e-3, batch 32);
-    ``finetune_epochs`` defaults to a fifth of ``spec.epochs`` (at least 5).
-    ``storage_budget`` defaults to the target's.
+    ``finetune_epochs`` defaults to ``config.finetune_epochs``, else a fifth of
+    ``spec.epochs`` (at least 5). A candidate that fails to prune, export, load or run, or
+    disagrees with its eager model (``config.verify``) is dropped with its reason and the
+    search goes on; when every one fails, BundleError names the first and its reason.
+    ``storage_budget`` defaults to the target's. ``finetune_fn``: fine-tunes a pruned copy
+    in the caller's own loop instead (``train`` labels are then unused).
     """
 
     config = config or CompressConfig()
@@ -273,7 +313,7 @@ def compress(
     storage_bytes = (parse_size(storage_budget) if storage_budget is not None
                      else profile.storage_budget_bytes)
     spec = spec or TrainSpec(task=task)
-    epochs = finetune_epochs if finetune_epochs is not None else max(5, spec.epochs // 5)
+    epochs = finetune_epochs if finetune_epochs is not None else finetune_epochs_for(config, spec)
     tol = config.tolerance if config.tolerance is not None else default_tolerance(task)
     X_tr, y_tr = (np.asarray(a) for a in train)
     X_val, y_val = (np.asarray(a) for a in val)
@@ -285,53 +325,120 @@ def compress(
     cal = calibration_batches(X_tr, config.calibration_batches)
     # >= 16 example rows: with 2, export guards conv models' batch to <= 15 (numel < 1024)
     example = torch.as_tensor(X_tr[: max(2, min(32, max_batch))])
-    pruned: dict[float, nn.Module] = {}
+    verify_tol = Tolerance(config.verify.min_agreement, config.verify.max_error)
+    pruned: dict[float, nn.Module | str] = {}
     cands: list[Candidate] = []
     programs: dict[tuple[str, float], ExportResult] = {}
     Pending = tuple[Quantization, float, ExportResult, float, float, subprocess.Popen[str]]
     pending: list[Pending] = []
+    say = progress.info if progress is not None else (lambda _msg: None)
     with tempfile.TemporaryDirectory(prefix="toma-compress-") as td:
         try:
             for kind, ratio in variants:
+                label = f"{kind} pruned {ratio:.0%}"
                 if ratio not in pruned:
-                    m = prune_structured(model, ratio, criterion=criterion)
-                    if ratio > 0:
-                        m = finetune(m, X_tr, y_tr, spec, epochs=epochs)
-                    pruned[ratio] = m
-                res = export_program(export_net(pruned[ratio], task), example, max_batch=max_batch,
-                                     quantize=kind, calibration=cal)
-                pte_path = Path(td) / f"{kind}-{ratio}.pte"
-                pte_path.write_bytes(res.pte)
-                prog = load_program(pte_path, threads=1)
-                lat = latency_ms(prog, X_val[:1])
-                score = evaluate(functools.partial(run_rows, prog, max_batch=max_batch),
-                                 X_val, y_val,
-                                 task, prefix="val_")[f"val_{metric}"]
-                del prog
+                    pruned[ratio] = _pruned_copy(model, ratio, criterion, X_tr, y_tr, spec,
+                                                 epochs, finetune_fn)
+                base = pruned[ratio]
+                if isinstance(base, str):  # pruning to this ratio failed: every kind of it
+                    cands.append(Candidate.failed(kind, ratio, f"val_{metric}", base))
+                    say(f"{label}: dropped: {base}")
+                    continue
+                say(f"{label}: exporting")
+                tried = _try_candidate(base, kind, task=task, example=example,
+                                       max_batch=max_batch, cal=cal, X_val=X_val, y_val=y_val,
+                                       tol=verify_tol, pte_path=Path(td) / f"{kind}-{ratio}.pte")
+                if isinstance(tried, str):
+                    cands.append(Candidate.failed(kind, ratio, f"val_{metric}", tried))
+                    say(f"{label}: dropped: {tried}")
+                    continue
+                res, lat, score = tried
                 # the memory of this one is measured while the next one exports
-                proc = start_peak_measurement(pte_path, (1,))
+                proc = start_peak_measurement(Path(td) / f"{kind}-{ratio}.pte",
+                                              (res.fixed_batch or 1,))
                 pending.append((kind, ratio, res, lat, float(score), proc))
-                if progress is not None:
-                    progress.info(f"{kind} pruned {ratio:.0%}: {format_size(len(res.pte))}, "
-                                  f"{lat:.3f} ms, "
-                             f"val {metric} {score:.4f}")
+                say(f"{label}: {format_size(len(res.pte))}, {lat:.3f} ms, "
+                    f"val {metric} {score:.4f}"
+                    + (f", fixed batch {res.fixed_batch}" if res.fixed_batch else ""))
             for kind, ratio, res, lat, score, proc in pending:
-                meas = finish_peak_measurement(proc)
-                peak = int(meas["measured_peak_bytes"]["1"])
+                try:
+                    meas = finish_peak_measurement(proc)
+                except BundleError as e:
+                    cands.append(Candidate.failed(kind, ratio, f"val_{metric}", str(e)))
+                    continue
+                peak = int(meas["measured_peak_bytes"][str(res.fixed_batch or 1)])
                 over, miss = _limits_miss(len(res.pte), peak, lat, profile=profile,
                                           adapter=meas["adapter"], storage_bytes=storage_bytes,
                                           latency_budget_ms=latency_budget_ms)
                 cands.append(Candidate(kind, ratio, len(res.pte), res.planned_bytes, peak, lat,
-                                       f"val_{metric}", score, not miss, miss, over))
+                                       f"val_{metric}", score, not miss, miss, over,
+                                       fixed_batch=res.fixed_batch))
                 programs[(kind, ratio)] = res
         finally:
             for *_, proc in pending:
                 if proc.poll() is None:
                     proc.kill()
                     proc.communicate()
+    order = {v: i for i, v in enumerate(variants)}
+    cands.sort(key=lambda c: order[(c.quantization, c.prune)])
     shipped = choose(cands, tolerance=tol, target=profile.name)
-    return CompressResult(shipped=shipped, candidates=tuple(cands), model=pruned[shipped.prune],
+    model_out = pruned[shipped.prune]
+    assert isinstance(model_out, nn.Module)
+    return CompressResult(shipped=shipped, candidates=tuple(cands), model=model_out,
                           export=programs[(shipped.quantization, shipped.prune)], tolerance=tol)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _pruned_copy(model: nn.Module, ratio: float, criterion: Criterion, X: np.ndarray,
+                 y: np.ndarray, spec: TrainSpec, epochs: int,
+                 finetune_fn: Callable[[nn.Module], nn.Module] | None) -> nn.Module | str:
+    """``model`` pruned to ``ratio`` and fine-tuned, or why that failed."""
+    try:
+        m = prune_structured(model, ratio, criterion=criterion)
+        if ratio == 0:
+            return m
+        if finetune_fn is not None:
+            return finetune_fn(m).eval()
+        return finetune(m, X, y, spec, epochs=epochs)
+    except Exception as e:  # noqa: BLE001  (a user's model: any failure drops this ratio)
+        return f"pruning failed: {_first_line(e)}"
+
+
+def _try_candidate(model: nn.Module, kind: Quantization, *, task: Task, example: torch.Tensor,
+                   max_batch: int, cal: list[np.ndarray], X_val: np.ndarray,
+                   y_val: np.ndarray, tol: Tolerance, pte_path: Path
+                   ) -> tuple[ExportResult, float, float] | str:
+    """Export one candidate, check it against its eager model at several batch sizes, time
+    it and score it on ``X_val``: (program, latency ms, score), or why it was dropped."""
+    metric = "r2" if task == "regression" else "accuracy"
+    try:
+        res = export_program(export_net(model, task), example, max_batch=max_batch,
+                             quantize=kind, calibration=cal)
+    except Exception as e:  # noqa: BLE001  (export and lowering raise many kinds)
+        return f"does not export: {_first_line(e)}"
+    pte_path.write_bytes(res.pte)
+    try:
+        prog = load_program(pte_path, threads=1)
+    except Exception as e:  # noqa: BLE001
+        return f"does not load in the runtime: {_first_line(e)}"
+    try:
+        agree = compare_program(prog, res.reference, X_val, task=task, max_batch=max_batch,
+                                quantization=kind, y=y_val, tolerance=tol,
+                                fixed_batch=res.fixed_batch)
+        if not agree.ok:
+            return agree.reason
+        b = res.fixed_batch or 1
+        lat = latency_ms(prog, np.repeat(X_val[:1], b, axis=0))
+        run = functools.partial(run_padded, prog, batch=res.fixed_batch or max_batch,
+                                fixed=res.fixed_batch is not None)
+        score = evaluate(run, X_val, y_val, task, prefix="val_")[f"val_{metric}"]
+    finally:
+        prog.close()
+    return res, lat, float(score)
 
 
 @dataclass(frozen=True)
@@ -352,7 +459,7 @@ class BuildChoice:
     def measure_single(
         self, pte_path: Path, *, planned_bytes: int, peak_bytes: int, adapter: str,
         profile: TargetProfile, storage_bytes: int, latency_budget_ms: float | None,
-        metric: str, value: float | None,
+        metric: str, value: float | None, fixed_batch: int | None = None,
     ) -> BuildChoice:
         """The one allowed variant, measured on the program build exported: its latency
         here, its fit; ``value`` is its cross-validation metric (held-out folds of the
@@ -360,12 +467,14 @@ class BuildChoice:
 
         prog = load_program(pte_path, threads=1)
         rows = prog.inputs[0].shape[1:]
-        lat = latency_ms(prog, np.zeros((1, *rows), dtype=np.float32))
+        lat = latency_ms(prog, np.zeros((fixed_batch or 1, *rows), dtype=np.float32))
+        prog.close()
         pte = pte_path.stat().st_size
         over, miss = _limits_miss(pte, peak_bytes, lat, profile=profile, adapter=adapter,
                                   storage_bytes=storage_bytes, latency_budget_ms=latency_budget_ms)
         c = Candidate(self.quantization, self.prune, pte, planned_bytes, peak_bytes, lat, metric,
-                      float("nan") if value is None else float(value), not miss, miss, over)
+                      float("nan") if value is None else float(value), not miss, miss, over,
+                      fixed_batch=fixed_batch)
         choose([c], tolerance=0.0, target=profile.name)
         return BuildChoice(self.quantization, self.prune, self.model, (c,), c, None)
 
@@ -415,7 +524,7 @@ def search_for_build(
     model = reference
     if ratio > 0:
         model = finetune(prune_structured(reference, ratio), X_train, y_train, spec,
-                         epochs=max(5, spec.epochs // 5))
+                         epochs=finetune_epochs_for(config, spec))
     if res is None:
         return BuildChoice(kind, ratio, model)
     return BuildChoice(kind, ratio, model, res.candidates, res.shipped, res)

@@ -42,6 +42,8 @@ __all__ = [
     "kfold_indices",
     "predict_numpy",
     "loss_fn_for",
+    "ThreadChoice",
+    "fastest_threads",
 ]
 
 Task = Literal["regression", "classification"]
@@ -428,3 +430,67 @@ def kfold_indices(n: int, folds: int, *, seed: int, task: Task, y: np.ndarray | 
             return [(a, b) for a, b in skf.split(np.zeros(n), labels)]
     kf = KFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(a, b) for a, b in kf.split(np.zeros(n))]
+
+
+#: the intra-op thread count torch chose at import (OMP_NUM_THREADS or the core count)
+_MAX_THREADS = torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count a training step ran fastest on, and each count's step time (ms)."""
+
+    threads: int
+    step_ms: dict[int, float]
+
+    def describe(self) -> str:
+        times = ", ".join(f"{n}: {ms:.2f} ms" for n, ms in sorted(self.step_ms.items()))
+        return f"training on {self.threads} thread(s) (one step measured here, now: {times})"
+
+
+def fastest_threads(model: nn.Module, X: np.ndarray, y: np.ndarray, spec: TrainSpec, *,
+                    candidates: Iterable[int] | None = None, steps: int = 3) -> ThreadChoice:
+    """The intra-op thread count that runs one training step of ``model`` on a batch of
+    ``X`` fastest on this machine now, among ``candidates`` (default: 1 and the count torch
+    started with). A tiny model spends a step in Python and in synchronising threads, so on
+    a shared 2-core machine one thread is often faster, and far faster when another process
+    is busy; a large one gains from every core. Measured on a copy (the model is not
+    trained): one warm-up step, then the median of at least ``steps`` (up to 0.3 s). More
+    threads must be 10% faster to be chosen."""
+    import copy
+    import time
+
+    counts = sorted(set(candidates) if candidates is not None else {1, _MAX_THREADS})
+    before = torch.get_num_threads()
+    if len(counts) == 1 or len(X) == 0:
+        return ThreadChoice(counts[0], {})
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(m.parameters(), lr=0.0)  # build's optimiser; lr 0: weights stay
+    loss_fn = loss_fn_for(spec.task)
+    b = min(spec.batch_size, len(X))
+    xb = torch.as_tensor(np.asarray(X[:b]), dtype=torch.float32)
+    yb = _targets(np.asarray(y[:b]), spec.task)
+    times: dict[int, float] = {}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            runs: list[float] = []
+            start = time.perf_counter()
+            # a warm-up step, then ``steps`` or more (tiny models: up to 0.3 s of them)
+            for i in range(1000):
+                t = time.perf_counter()
+                opt.zero_grad()
+                loss_fn(m(xb), yb).backward()
+                opt.step()
+                if i:
+                    runs.append(time.perf_counter() - t)
+                if len(runs) >= steps and t - start > 0.3:
+                    break
+            times[n] = float(np.median(runs) * 1e3)
+    finally:
+        torch.set_num_threads(before)
+    best = counts[0]
+    for n in counts[1:]:
+        if times[n] < 0.9 * times[best]:
+            best = n
+    return ThreadChoice(best, times)

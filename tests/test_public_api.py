@@ -33,7 +33,7 @@ DEVICE = {
 }
 HOST = {
     "build": "function", "BuildResult": "class", "compress": "function",
-    "CompressResult": "class", "compress_saved": "function", "prune_structured": "function",
+    "CompressResult": "class", "compress_saved": "function", "package": "function", "prune_structured": "function",
     "train_model": "function",
     "TrainSpec": "class", "MemoryPolicy": "class", "export_program": "function",
     "Collector": "class", "FleetStore": "class",

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._validation import describe_validation_error
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "CompressConfig", "ExportConfig", "ProjectConfig", "load_project"]
+__all__ = ["TrainConfig", "CompressConfig", "VerifyConfig", "ExportConfig", "ProjectConfig",
+           "load_project"]
 
 _Cfg = ConfigDict(frozen=True, extra="forbid")
 
@@ -46,14 +47,45 @@ class TrainConfig(BaseModel):
         return v
 
 
-class CompressConfig(BaseModel):
-    """Which compression variants build may try (see ``toma-edge compress``)."""
+QuantizeKind = Literal["int8", "int8-dynamic", "none", "fp32", "auto"]
+
+
+class VerifyConfig(BaseModel):
+    """How close a shipped program must stay to its eager model on held-out rows, at
+    several batch sizes: a classifier's top-1 class on at least ``min_agreement`` of the
+    rows; a regressor within ``max_error`` (RMS difference over the eager outputs' standard
+    deviation). fp32 programs are held to at least 99% / at most 0.1%."""
 
     model_config = _Cfg
-    quantize: Literal["int8", "int8-dynamic", "none", "fp32", "auto"] = "int8"
+    min_agreement: float = Field(0.97, gt=0, le=1)
+    max_error: float = Field(0.05, gt=0)
+
+
+class CompressConfig(BaseModel):
+    """Which compression variants build may try (see ``toma-edge compress``).
+
+    ``quantize``: one kind, ``auto`` (fp32, int8, int8-dynamic), or a list of kinds to try
+    (``[fp32, int8]`` leaves out int8-dynamic). ``finetune_epochs``: epochs of fine-tuning
+    after pruning (default: a fifth of ``train.epochs``, at least 5)."""
+
+    model_config = _Cfg
+    quantize: QuantizeKind | list[Literal["int8", "int8-dynamic", "fp32"]] = "int8"
     prune: float | Literal["auto"] = 0.0
     calibration_batches: int = Field(8, ge=1)
     tolerance: float | None = Field(None, ge=0)
+    finetune_epochs: int | None = Field(None, ge=1, le=100000)
+    verify: VerifyConfig = VerifyConfig()
+
+    @field_validator("quantize")
+    @classmethod
+    def _kinds(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("a list of kinds must name at least one "
+                                 "(int8, int8-dynamic, fp32)")
+            if len(set(v)) != len(v):
+                raise ValueError("a kind is listed twice")
+        return v
 
     @field_validator("prune")
     @classmethod

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .._validation import describe_validation_error
 from ..errors import BundleError, InputError
@@ -146,6 +146,10 @@ class CandidateEntry(BaseModel):
     cv_accuracy: float | None = None
     measured_peak_bytes: int = Field(ge=0)
     shipped: bool = False
+    #: why the build dropped it (failed to export or run, or disagreed with its eager model)
+    dropped: str | None = None
+    #: the one batch its program runs at, when the graph allowed no dynamic batch
+    export_batch: int | None = Field(default=None, ge=1)
 
 
 class Metrics(BaseModel):
@@ -174,11 +178,17 @@ class BuildInfo(BaseModel):
 
     model_config = _Frozen
     measured_with: str
-    command: Literal["build", "compress"] | None = None
+    command: Literal["build", "compress", "package"] | None = None
     source_model: str | None = None
     verify_max_abs_diff: float
+    #: what verification measured (top1_agreement, accuracy_change, relative_error, ...)
+    verify: dict[str, float] | None = None
     train: dict[str, Any] | None = None
     data: DataInfo
+    #: what the build warns about (a reference model at chance level, ...)
+    warnings: tuple[str, ...] = ()
+    #: the trained eager fp32 model saved beside the bundle (a path relative to it)
+    eager_model: str | None = None
 
 
 class Manifest(BaseModel):
@@ -194,6 +204,9 @@ class Manifest(BaseModel):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch: int = Field(ge=1)
+    #: set when the program runs at exactly this batch (recurrent graphs): the runtime pads
+    #: shorter batches to it and splits longer ones; max_batch is then the same number
+    export_batch: int | None = Field(default=None, ge=1)
     shipped: Quantization
     compression: dict[str, Any]
     batch_dependent: bool
@@ -229,6 +242,13 @@ class Manifest(BaseModel):
         if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 <= prune <= 1:
             raise ValueError("'prune' must be a number from 0 to 1")
         return v
+
+    @model_validator(mode="after")
+    def _fixed_batch(self) -> Manifest:
+        if self.export_batch is not None and self.export_batch != self.max_batch:
+            raise ValueError(f"export_batch {self.export_batch} must equal max_batch "
+                             f"{self.max_batch} (a fixed-batch program runs at that size)")
+        return self
 
     @field_validator("schema_version")
     @classmethod
