@@ -52,7 +52,7 @@ from .export import (
     export_program,
 )
 from .measure import finish_peak_measurement, latency_ms, start_peak_measurement
-from .prune import Criterion, find_prunable, finetune, prune_structured
+from .prune import Criterion, find_prunable, finetune, prune_structured, pruning_plan
 from .train import Task, TrainSpec, evaluate
 from .verify import Tolerance, compare_program, run_padded
 
@@ -320,11 +320,14 @@ def compress(
     X_tr = X_tr.astype(np.float32)
     X_val = X_val.astype(np.float32)
     metric = "r2" if task == "regression" else "accuracy"
-    prunable = config.prune != "auto" or bool(find_prunable(model))
-    variants = candidate_variants(config, prunable=prunable)
-    cal = calibration_batches(X_tr, config.calibration_batches)
     # >= 16 example rows: with 2, export guards conv models' batch to <= 15 (numel < 1024)
     example = torch.as_tensor(X_tr[: max(2, min(32, max_batch))])
+    plan = pruning_plan(model, example[:2]) if config.prune != 0.0 else None
+    if plan is not None and progress is not None and (plan.left_alone or not plan):
+        progress.info(plan.describe())
+    prunable = config.prune != "auto" or bool(plan)
+    variants = candidate_variants(config, prunable=prunable)
+    cal = calibration_batches(X_tr, config.calibration_batches)
     verify_tol = Tolerance(config.verify.min_agreement, config.verify.max_error)
     pruned: dict[float, nn.Module | str] = {}
     cands: list[Candidate] = []
@@ -338,7 +341,7 @@ def compress(
                 label = f"{kind} pruned {ratio:.0%}"
                 if ratio not in pruned:
                     pruned[ratio] = _pruned_copy(model, ratio, criterion, X_tr, y_tr, spec,
-                                                 epochs, finetune_fn)
+                                                 epochs, finetune_fn, example[:2])
                 base = pruned[ratio]
                 if isinstance(base, str):  # pruning to this ratio failed: every kind of it
                     cands.append(Candidate.failed(kind, ratio, f"val_{metric}", base))
@@ -395,10 +398,11 @@ def _first_line(e: BaseException) -> str:
 
 def _pruned_copy(model: nn.Module, ratio: float, criterion: Criterion, X: np.ndarray,
                  y: np.ndarray, spec: TrainSpec, epochs: int,
-                 finetune_fn: Callable[[nn.Module], nn.Module] | None) -> nn.Module | str:
+                 finetune_fn: Callable[[nn.Module], nn.Module] | None,
+                 example: torch.Tensor) -> nn.Module | str:
     """``model`` pruned to ``ratio`` and fine-tuned, or why that failed."""
     try:
-        m = prune_structured(model, ratio, criterion=criterion)
+        m = prune_structured(model, ratio, criterion=criterion, example_inputs=example)
         if ratio == 0:
             return m
         if finetune_fn is not None:
@@ -505,7 +509,8 @@ def search_for_build(
     """
     from .train import train_model
 
-    prunable = config.prune != "auto" or bool(find_prunable(reference))
+    example = torch.as_tensor(np.asarray(X_train[:2], dtype=np.float32))
+    prunable = config.prune != "auto" or bool(find_prunable(reference, example))
     variants = candidate_variants(config, prunable=prunable)
     res: CompressResult | None = None
     if len(variants) == 1:
@@ -523,7 +528,8 @@ def search_for_build(
         kind, ratio = res.shipped.quantization, res.shipped.prune
     model = reference
     if ratio > 0:
-        model = finetune(prune_structured(reference, ratio), X_train, y_train, spec,
+        model = finetune(prune_structured(reference, ratio, example_inputs=example),
+                         X_train, y_train, spec,
                          epochs=finetune_epochs_for(config, spec))
     if res is None:
         return BuildChoice(kind, ratio, model)

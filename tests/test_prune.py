@@ -119,10 +119,10 @@ def test_nothing_to_prune_and_branching_outputs_are_refused_or_left_alone() -> N
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(self.a(x))
-            return self.c(h + self.b(h))  # a's units are read twice: not prunable alone
+            return self.c(h + self.b(h))  # a's units are read twice (b and the add)
 
-    pairs = find_prunable(Residual())
-    assert [p.producer for p in pairs] == []
+    # the dependency graph prunes a and b together (their units meet in the add)
+    assert find_prunable(Residual()) == [PrunePair("a", "b", None, 1)]
 
 
 def test_magnitude_pruning_zeroes_but_shrinks_nothing() -> None:
