@@ -39,7 +39,9 @@ def test_zoo_model_builds_and_matches_eager(name: str, target: str, tmp_path: Pa
     assert "Traceback" not in err
 
     m = json.loads((out / "manifest.json").read_text())
-    assert m["task"] == e.task and m["max_batch"] == e.max_batch
+    assert m["task"] == e.task
+    # a program fixed at an export batch may lower max_batch (the runtime splits rows)
+    assert 1 <= m["max_batch"] <= e.max_batch
     shipped = m["compression"]
     assert shipped["quantization"] in ("fp32", "int8", "int8-dynamic")
     assert 0.0 <= shipped["prune"] < 1.0
