@@ -83,6 +83,8 @@ class ExportResult:
     fixed_batch: int | None = None
     #: why the batch is fixed (the dynamic program's failure), for the build's log
     fixed_reason: str = ""
+    #: the fp32 eager model the program was quantized from (for fp32, ``reference``)
+    fp32_reference: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def max_batch_rows(self) -> int | None:
@@ -172,8 +174,10 @@ def quantize_model(
         for batch in calibration:
             xb = torch.as_tensor(np.asarray(batch), dtype=torch.float32)
             if fixed_batch:
-                xb = _example_rows(xb, fixed_batch, fixed_batch)
-            prepared(xb)
+                prepared(_example_rows(xb, fixed_batch, fixed_batch))
+            else:  # the captured graph guards its batch to 1..max_batch
+                for i in range(0, len(xb), max_batch):
+                    prepared(xb[i : i + max_batch])
             n += 1
         if n == 0 and kind == "int8":
             raise ConfigError("int8 quantization needs calibration data; got no batches")
@@ -240,8 +244,12 @@ def _lower(model: nn.Module, example: torch.Tensor, max_batch: int, quantize: Qu
         with torch.no_grad():
             return entry(x)
 
+    def fp32(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
     return ExportResult(pte=pm.buffer, planned_bytes=planned, reference=reference,
-                        quantization=quantize, fixed_batch=fixed_batch)
+                        quantization=quantize, fixed_batch=fixed_batch, fp32_reference=fp32)
 
 
 def _recurrent_layers(model: nn.Module) -> str:

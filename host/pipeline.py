@@ -68,6 +68,7 @@ from .search import (
     compress,
     preferred_quantization,
     search_for_build,
+    tolerance_of,
     validation_split,
 )
 from .source import ModelSource, load_source, with_target_defaults
@@ -83,7 +84,7 @@ from .train import (
     predict_numpy,
     train_model,
 )
-from .verify import Agreement, Tolerance, compare_program, run_padded
+from .verify import Agreement, run_padded, verify_export
 
 __all__ = [
     "BuildResult",
@@ -768,12 +769,9 @@ def verify_program(plan: Plan, res: ExportResult, program: Any) -> Agreement:
     rng = np.random.default_rng(1)
     n = min(256, max(len(src.X_test), 1))
     pick = rng.choice(len(src.X_test), size=n, replace=len(src.X_test) < n)
-    cfg = src.project.compress.verify
-    agreement = compare_program(program, res.reference, src.X_test[pick], task=plan.task,
-                                max_batch=plan.max_batch, quantization=res.quantization,
-                                y=np.asarray(src.y_test)[pick],
-                                tolerance=Tolerance(cfg.min_agreement, cfg.max_error),
-                                fixed_batch=res.fixed_batch)
+    agreement = verify_export(program, res, src.X_test[pick], task=plan.task,
+                              max_batch=plan.max_batch, y=np.asarray(src.y_test)[pick],
+                              tolerance=tolerance_of(src.project.compress))
     if not agreement.ok:
         raise BundleError(f"the exported {res.quantization} program {agreement.reason}; not "
                           "shipping it (compress.verify sets how close it must be)")

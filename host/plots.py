@@ -94,7 +94,7 @@ def plot_candidates(path: Path, candidates: Sequence[Candidate], *,
     """Validation metric against .pte size (KiB) per candidate; crosses do not fit."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for c in candidates:
+    for c in [c for c in candidates if not c.dropped]:  # dropped: nothing measured
         x, y = c.pte_bytes / 1024, c.value
         ax.scatter([x], [y], marker="o" if c.fits else "x", s=40,
                    color="tab:blue" if c.fits else "tab:red")

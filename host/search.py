@@ -54,7 +54,7 @@ from .export import (
 from .measure import finish_peak_measurement, latency_ms, start_peak_measurement
 from .prune import Criterion, find_prunable, finetune, prune_structured, pruning_plan
 from .train import Task, TrainSpec, evaluate
-from .verify import Tolerance, compare_program, run_padded
+from .verify import Tolerance, run_padded, verify_export
 
 __all__ = [
     "AUTO_PRUNE",
@@ -70,6 +70,7 @@ __all__ = [
     "validation_split",
     "default_tolerance",
     "finetune_epochs_for",
+    "tolerance_of",
     "BuildChoice",
     "search_for_build",
 ]
@@ -122,7 +123,8 @@ class Candidate:
             extra["export_batch"] = self.fixed_batch
         return CandidateEntry(
             quantization=self.quantization, prune=self.prune, pte_bytes=self.pte_bytes,
-            planned_bytes=self.planned_bytes, latency_ms=self.latency_ms, fits=self.fits,
+            planned_bytes=self.planned_bytes, fits=self.fits,
+            latency_ms=None if math.isnan(self.latency_ms) else self.latency_ms,
             measured_peak_bytes=self.peak_bytes, shipped=shipped, **extra,
             **{self.metric: None if math.isnan(self.value) else self.value},
         )
@@ -180,6 +182,12 @@ def candidate_variants(config: CompressConfig, *, prunable: bool = True
     else:
         ratios = (float(config.prune),)
     return [(k, r) for r in ratios for k in kinds]
+
+
+def tolerance_of(config: CompressConfig) -> Tolerance:
+    """The verification bounds ``compress.verify`` sets."""
+    v = config.verify
+    return Tolerance(v.min_agreement, v.max_error, v.min_fp32_agreement, v.max_fp32_error)
 
 
 def finetune_epochs_for(config: CompressConfig, spec: TrainSpec) -> int:
@@ -328,7 +336,7 @@ def compress(
     prunable = config.prune != "auto" or bool(plan)
     variants = candidate_variants(config, prunable=prunable)
     cal = calibration_batches(X_tr, config.calibration_batches)
-    verify_tol = Tolerance(config.verify.min_agreement, config.verify.max_error)
+    verify_tol = tolerance_of(config)
     pruned: dict[float, nn.Module | str] = {}
     cands: list[Candidate] = []
     programs: dict[tuple[str, float], ExportResult] = {}
@@ -430,9 +438,8 @@ def _try_candidate(model: nn.Module, kind: Quantization, *, task: Task, example:
     except Exception as e:  # noqa: BLE001
         return f"does not load in the runtime: {_first_line(e)}"
     try:
-        agree = compare_program(prog, res.reference, X_val, task=task, max_batch=max_batch,
-                                quantization=kind, y=y_val, tolerance=tol,
-                                fixed_batch=res.fixed_batch)
+        agree = verify_export(prog, res, X_val, task=task, max_batch=max_batch, y=y_val,
+                              tolerance=tol)
         if not agree.ok:
             return agree.reason
         b = res.fixed_batch or 1

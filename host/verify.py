@@ -6,6 +6,12 @@ cares about, at several batch sizes, in the ExecuTorch runtime.
                           max_batch=64, quantization="int8", y=y_val)
     got.ok, got.reason, got.top1_agreement, got.batches
 
+A program is compared with the eager model it was exported from (for int8 kinds, the
+simulated-int8 model: this catches the runtime computing something else), and a quantized
+one also with the fp32 model it was quantized from, with looser bounds (80% top-1
+agreement, 25% error: this catches a quantization that is broken, e.g. calibrated on rows
+that do not represent the data, where program and simulation agree on garbage).
+
 A classifier's program must give the eager model's top-1 class on at least
 ``min_agreement`` of the rows (default 97%: a deep int8 network whose probabilities differ
 by 0.1 still picks the same class almost always, and that is what the user ships); with
@@ -35,8 +41,8 @@ import torch
 
 from ..errors import TomaEdgeError
 
-__all__ = ["Tolerance", "Agreement", "compare_program", "run_padded", "verify_batches",
-           "runtime_log"]
+__all__ = ["Tolerance", "Agreement", "compare_program", "verify_export", "run_padded",
+           "verify_batches", "runtime_log"]
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,22 @@ class Tolerance:
     min_agreement: float = 0.97
     #: regressors: RMS difference over the eager outputs' standard deviation (quantized)
     max_error: float = 0.05
+    #: a quantized program against the fp32 model it came from: below this top-1 agreement
+    #: (above this error) the quantization is broken, not merely lossy
+    min_fp32_agreement: float = 0.8
+    max_fp32_error: float = 0.25
 
     def for_kind(self, quantization: str) -> Tolerance:
         """fp32 programs compute the same float graph: held to 99% / 0.1%."""
         if quantization == "fp32":
-            return Tolerance(max(self.min_agreement, 0.99), min(self.max_error, 1e-3))
+            return Tolerance(max(self.min_agreement, 0.99), min(self.max_error, 1e-3),
+                             self.min_fp32_agreement, self.max_fp32_error)
         return self
+
+    def against_fp32(self) -> Tolerance:
+        """The bounds of a quantized program against the fp32 model."""
+        return Tolerance(self.min_fp32_agreement, self.max_fp32_error,
+                         self.min_fp32_agreement, self.max_fp32_error)
 
 
 @dataclass(frozen=True)
@@ -227,3 +243,25 @@ def _judge(got: np.ndarray, want: np.ndarray, *, task: str, y: np.ndarray | None
                          f"spread (RMS) {at} (> {tol.max_error:.2%})", batches, diff,
                          relative_error=rel)
     return Agreement(True, "", batches, diff, relative_error=rel)
+
+
+def verify_export(program: Any, res: Any, X: np.ndarray, *, task: str, max_batch: int,
+                  y: np.ndarray | None = None, tolerance: Tolerance = Tolerance()
+                  ) -> Agreement:
+    """``res`` (an ExportResult) loaded as ``program``: compared with its own eager model,
+    then (quantized kinds) with the fp32 model it was quantized from; the first failure,
+    else the comparison with its own eager model."""
+    own = compare_program(program, res.reference, X, task=task, max_batch=max_batch,
+                          quantization=res.quantization, y=y, tolerance=tolerance,
+                          fixed_batch=res.fixed_batch)
+    if not own.ok or res.quantization == "fp32" or res.fp32_reference is None:
+        return own
+    fp = compare_program(program, res.fp32_reference, X, task=task, max_batch=max_batch,
+                         quantization=res.quantization, y=y,
+                         tolerance=tolerance.against_fp32(), fixed_batch=res.fixed_batch)
+    if not fp.ok:
+        why = fp.reason.replace("the eager model", "the fp32 model")
+        return Agreement(False, f"{why}: its quantization is broken (calibration rows that do "
+                         "not represent the data?)", fp.batches, fp.max_abs_diff,
+                         fp.top1_agreement, fp.accuracy_change, fp.relative_error)
+    return own

@@ -59,6 +59,10 @@ class VerifyConfig(BaseModel):
     model_config = _Cfg
     min_agreement: float = Field(0.97, gt=0, le=1)
     max_error: float = Field(0.05, gt=0)
+    #: a quantized program against the fp32 model: looser bounds that catch a broken
+    #: quantization (calibration rows that do not represent the data), not a lossy one
+    min_fp32_agreement: float = Field(0.8, gt=0, le=1)
+    max_fp32_error: float = Field(0.25, gt=0)
 
 
 class CompressConfig(BaseModel):

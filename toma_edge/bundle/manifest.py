@@ -137,7 +137,7 @@ class CandidateEntry(BaseModel):
     prune: float = Field(ge=0, le=1)
     pte_bytes: int = Field(ge=0)
     planned_bytes: int = Field(ge=0)
-    latency_ms: float
+    latency_ms: float | None
     fits: bool
     miss: str | None = None
     val_r2: float | None = None

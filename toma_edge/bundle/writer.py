@@ -37,7 +37,12 @@ class WrittenBundle:
 
 def manifest_json(manifest: Manifest) -> str:
     """The manifest as written: the keys the writer set (a null metric stays null)."""
-    return json.dumps(manifest.model_dump(mode="json", exclude_unset=True), indent=2) + "\n"
+    try:  # JSON has no NaN or infinity: the device's strict reader would refuse the bundle
+        return json.dumps(manifest.model_dump(mode="json", exclude_unset=True), indent=2,
+                          allow_nan=False) + "\n"
+    except ValueError as e:
+        raise BundleError(f"manifest.json: a value is NaN or infinite ({e}); not writing a "
+                          "bundle no device can read") from e
 
 
 class BundleWriter:
