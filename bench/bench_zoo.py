@@ -49,9 +49,9 @@ def bench_one(name: str, target: str, size: str, work: Path, fresh_rows: int
     folder = work / f"{name}-{target}"
     project = zoo.write_project(name, size, folder / "project")
     out = folder / "bundle"
-    print(f"[{name} / {target}] building ...", flush=True)
+    print(f"[{name} / {target}] building (progress: {folder / 'build.log'}) ...", flush=True)
     rc, secs, _, err = zoo.cli("build", "--target", target, "--project", str(project),
-                               "--out", str(out), timeout=3600)
+                               "--out", str(out), timeout=3600, log=folder / "build.log")
     row: dict[str, Any] = {"model": name, "target": target, "size": size,
                            "task": e.task, "build_s": round(secs, 1), "ok": rc == 0}
     if rc != 0:

@@ -518,9 +518,12 @@ def write_project(name: str, size: str, folder: Path, **settings: Any) -> Path:
 REPO = TESTS_DIR.parent
 
 
-def cli(*args: str, timeout: float = 900.0) -> tuple[int, float, str, str]:
+def cli(*args: str, timeout: float = 900.0, log: Path | None = None
+        ) -> tuple[int, float, str, str]:
     """Run ``toma-edge ARGS`` in a fresh process (one torch thread, like a user with
-    OMP_NUM_THREADS=1 on a shared machine): (exit code, wall seconds, stdout, stderr)."""
+    OMP_NUM_THREADS=1 on a shared machine): (exit code, wall seconds, stdout, stderr).
+    With ``log``, stdout and stderr also go to that file as they come (a long build's
+    progress can be followed there)."""
     import os
     import subprocess
     import time
@@ -528,10 +531,17 @@ def cli(*args: str, timeout: float = 900.0) -> tuple[int, float, str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO),
                                                      os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "toma_edge.cli", *args]
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "toma_edge.cli", *args], capture_output=True,
-                       text=True, env=env, cwd=str(REPO), timeout=timeout)
-    return r.returncode, time.perf_counter() - t, r.stdout, r.stderr
+    if log is None:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO),
+                           timeout=timeout)
+        return r.returncode, time.perf_counter() - t, r.stdout, r.stderr
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                            timeout=timeout).returncode
+    text = log.read_text(errors="replace")
+    return rc, time.perf_counter() - t, text, text
 
 
 def last_error(stderr: str) -> str:
