@@ -34,6 +34,7 @@ task seed, so rows drawn with another ``seed`` are fresh rows of the same task):
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -545,8 +546,12 @@ def cli(*args: str, timeout: float = 900.0, log: Path | None = None
 
 
 def last_error(stderr: str) -> str:
-    """The line a user would read: the last one starting with "error" or the last line."""
+    """The line a user would read: the exception of a traceback (marked so), else the last
+    line starting with "error", else the last line."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception):", ln)]
+    if "Traceback (most recent call last)" in stderr and raised:
+        return f"(traceback) {raised[-1]}"[:400]
     errs = [ln for ln in lines if ln.lower().startswith("error")]
     return (errs or lines or ["(no output)"])[-1][:400]
 
