@@ -742,10 +742,14 @@ def verify_and_measure(plan: Plan, exported: ExportResult, folder: Path,
     pte_path.write_bytes(exported.pte)
     progress.phase("verifying in the ExecuTorch runtime")
     program = load_program(pte_path, threads=1)  # loaded once: verify, metrics, plot
+    fixed = exported.fixed_batch
     try:
         agreement = verify_program(plan, exported, program)
-        fixed = exported.fixed_batch
-        pred = run_padded(program, src.X_test, fixed or plan.max_batch, fixed=fixed is not None)
+        if agreement.outputs is not None and len(agreement.outputs) == len(src.X_test):
+            pred = agreement.outputs  # every test row ran once in the check
+        else:
+            pred = run_padded(program, src.X_test, fixed or plan.max_batch,
+                              fixed=fixed is not None)
     finally:
         program.close()
     metrics = evaluate(lambda x: pred, src.X_test, src.y_test, plan.task, prefix="test_")
@@ -762,13 +766,15 @@ def verify_and_measure(plan: Plan, exported: ExportResult, folder: Path,
 
 
 def verify_program(plan: Plan, res: ExportResult, program: Any) -> Agreement:
-    """Run up to 256 test rows through the loaded program at several batch sizes and
+    """Run the test rows (at most 2048) through the loaded program at several batch sizes and
     compare with the eager model by what the task cares about (``compress.verify``);
     BundleError with the reason when it disagrees or fails."""
     src = plan.source
-    rng = np.random.default_rng(1)
-    n = min(256, max(len(src.X_test), 1))
-    pick = rng.choice(len(src.X_test), size=n, replace=len(src.X_test) < n)
+    n = len(src.X_test)
+    # every test row when there are at most 2048 (the outputs are the test predictions),
+    # else 2048 of them drawn at random
+    pick = (np.arange(n) if n <= 2048
+            else np.sort(np.random.default_rng(1).choice(n, size=2048, replace=False)))
     agreement = verify_export(program, res, src.X_test[pick], task=plan.task,
                               max_batch=plan.max_batch, y=np.asarray(src.y_test)[pick],
                               tolerance=tolerance_of(src.project.compress))

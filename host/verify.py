@@ -20,10 +20,12 @@ labels, the accuracy change is reported beside it. A regressor's must stay withi
 deviation (default 5% for int8, 0.1% for fp32). Non-finite outputs always fail. fp32
 programs are held to 99% top-1 agreement (ties between near-equal classes may flip).
 
-Rows run at batch 1, at a middle size and at ``max_batch`` (a program exported with a
-fixed batch runs padded to it), so a program that only fails at some batch sizes is
-caught here, not on the device. A runtime error is caught and becomes the reason, with
-the runtime's own last log line (which names the failing executor and its message).
+Each row runs once: a few at batch 1, a few runs of an odd middle size, the rest at
+``max_batch`` (a program exported with a fixed batch runs padded to it), so a program that
+only fails at some batch sizes is caught here, not on the device, and a big model is not
+run three times over; each eager reference runs once too. A runtime error is caught and
+becomes the reason, with the runtime's own first error line (the failing executor and its
+message) and the batch size that fails.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -82,7 +84,8 @@ class Agreement:
     top1_agreement: float | None = None
     accuracy_change: float | None = None
     relative_error: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
+    #: the program's outputs for the compared rows (to score them without running again)
+    outputs: np.ndarray | None = field(default=None, repr=False)
 
     def figures(self) -> dict[str, float]:
         """The measured figures (for the manifest's build info)."""
@@ -101,6 +104,27 @@ def verify_batches(max_batch: int, rows: int) -> tuple[int, ...]:
     mid = max(1, min(top, 7 if top < 16 else top // 2 - 1))  # an odd size, off the grid
     return tuple(sorted({1, mid, top}))
 
+
+def batch_plan(n: int, max_batch: int, fixed_batch: int | None = None) -> list[int]:
+    """How ``n`` rows are cut into runs so that every row runs once and the program runs
+    at several sizes: four single rows, an odd middle size when the rows allow it besides
+    full runs, runs of ``max_batch``, and the rest as one shorter run. A fixed-batch
+    program: its batch (the last run padded)."""
+    if fixed_batch:
+        return [min(fixed_batch, n - i) for i in range(0, n, fixed_batch)]
+    sizes = verify_batches(max_batch, n)
+    top, mid = sizes[-1], sizes[len(sizes) // 2]
+    plan = [1] * min(4, n)
+    left = n - len(plan)
+    if mid not in (1, top) and left >= top + mid:
+        plan.append(mid)
+        left -= mid
+    while left >= top:
+        plan.append(top)
+        left -= top
+    if left:
+        plan.append(left)
+    return plan
 
 @contextlib.contextmanager
 def runtime_log() -> Iterator[Callable[[], str]]:
@@ -142,14 +166,23 @@ def _last_error_line(text: str) -> str:
 def run_padded(program: Any, x: np.ndarray, batch: int, *, fixed: bool) -> np.ndarray:
     """``x`` through ``program`` in batches of ``batch`` rows; a fixed-batch program gets
     each short batch padded with copies of its last row and the padding cut off."""
+    return run_plan(program, x, [min(batch, len(x) - i) for i in range(0, len(x), batch)],
+                    pad_to=batch if fixed else None)
+
+
+def run_plan(program: Any, x: np.ndarray, plan: list[int], *, pad_to: int | None = None
+             ) -> np.ndarray:
+    """``x`` through ``program`` in consecutive runs of the sizes in ``plan`` (each padded
+    to ``pad_to`` rows with copies of its last row, when given)."""
     outs = []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        n = len(xb)
-        if fixed and n < batch:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
+    i = 0
+    for n in plan:
+        xb = x[i : i + n]
+        i += n
+        if pad_to and n < pad_to:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad_to - n, axis=0)])
         outs.append(program.run([np.ascontiguousarray(xb)])[0][:n])
-    return np.concatenate(outs)
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
 def compare_program(
@@ -163,35 +196,46 @@ def compare_program(
     y: np.ndarray | None = None,
     tolerance: Tolerance = Tolerance(),
     fixed_batch: int | None = None,
+    got: np.ndarray | None = None,
 ) -> Agreement:
-    """Run ``X`` through ``program`` at :func:`verify_batches` and compare each with the
-    eager ``reference`` on the same batches (int8-dynamic outputs depend on batch mates).
-    Never raises for a program that fails: the failure is the reason."""
+    """Run ``X`` through ``program`` once, cut into runs of :func:`batch_plan` (1 row, an
+    odd middle size, ``max_batch``), and compare with the eager ``reference`` on the same
+    rows (in the same runs for int8-dynamic, whose outputs depend on batch mates). Never
+    raises for a program that fails: the failure is the reason. ``got``: the program's
+    outputs from an earlier call (then the program is not run again)."""
     tol = tolerance.for_kind(quantization)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    batches = (fixed_batch,) if fixed_batch else verify_batches(max_batch, len(X))
-    worst: Agreement | None = None
-    diffs: list[float] = []
-    for b in batches:
+    plan = batch_plan(len(X), max_batch, fixed_batch)
+    batches = tuple(sorted(set(plan)))
+    if got is None:
         with runtime_log() as last_line:
             try:
-                got = run_padded(program, X, b, fixed=fixed_batch is not None)
+                got = run_plan(program, X, plan, pad_to=fixed_batch)
             except (TomaEdgeError, RuntimeError, ValueError) as e:
                 native = last_line()
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                why = f"fails in the runtime at batch {b}: {msg}" + (
+                where = _failing_batch(program, X, plan, fixed_batch)
+                why = f"fails in the runtime{where}: {msg}" + (
                     f" ({native})" if native and native not in msg else "")
                 return Agreement(False, why, batches, float("inf"))
-        want = run_padded(_Eager(reference), X, b, fixed=fixed_batch is not None)
-        a = _judge(got, want, task=task, y=y, tol=tol, batch=b, batches=batches)
-        diffs.append(a.max_abs_diff)
-        if not a.ok:
-            return a
-        if worst is None or _worse(a, worst):
-            worst = a
-    assert worst is not None
-    return Agreement(True, "", batches, max(diffs), worst.top1_agreement,
-                     worst.accuracy_change, worst.relative_error)
+    # the captured eager graph guards its batch to max_batch, like the program
+    eager_plan = plan if quantization == "int8-dynamic" or fixed_batch else \
+        [min(max_batch, len(X) - i) for i in range(0, len(X), max_batch)]
+    want = run_plan(_Eager(reference), X, eager_plan, pad_to=fixed_batch)
+    a = _judge(got, want, task=task, y=y, tol=tol, batches=batches)
+    return replace(a, outputs=got)
+
+
+def _failing_batch(program: Any, X: np.ndarray, plan: list[int], fixed: int | None) -> str:
+    """" at batch N": the first run size that fails, found by running one of each."""
+    i = 0
+    for n in plan:
+        try:
+            run_plan(program, X[i : i + n], [n], pad_to=fixed)
+        except Exception:  # noqa: BLE001
+            return f" at batch {n}"
+        i += n
+    return ""
 
 
 class _Eager:
@@ -205,15 +249,9 @@ class _Eager:
             return [self.fn(torch.as_tensor(arrays[0])).numpy()]
 
 
-def _worse(a: Agreement, b: Agreement) -> bool:
-    if a.top1_agreement is not None and b.top1_agreement is not None:
-        return a.top1_agreement < b.top1_agreement
-    return (a.relative_error or 0.0) > (b.relative_error or 0.0)
-
-
 def _judge(got: np.ndarray, want: np.ndarray, *, task: str, y: np.ndarray | None,
-           tol: Tolerance, batch: int, batches: tuple[int, ...]) -> Agreement:
-    at = f"at batch {batch}"
+           tol: Tolerance, batches: tuple[int, ...]) -> Agreement:
+    at = f"(run at batches {', '.join(map(str, batches))})"
     if got.shape != want.shape:
         return Agreement(False, f"gives outputs of shape {got.shape[1:]} {at}, the eager model "
                          f"{want.shape[1:]}", batches, float("inf"))
@@ -249,19 +287,18 @@ def verify_export(program: Any, res: Any, X: np.ndarray, *, task: str, max_batch
                   y: np.ndarray | None = None, tolerance: Tolerance = Tolerance()
                   ) -> Agreement:
     """``res`` (an ExportResult) loaded as ``program``: compared with its own eager model,
-    then (quantized kinds) with the fp32 model it was quantized from; the first failure,
-    else the comparison with its own eager model."""
+    then (quantized kinds) with the fp32 model it was quantized from, on the same program
+    outputs; the first failure, else the comparison with its own eager model."""
     own = compare_program(program, res.reference, X, task=task, max_batch=max_batch,
                           quantization=res.quantization, y=y, tolerance=tolerance,
                           fixed_batch=res.fixed_batch)
     if not own.ok or res.quantization == "fp32" or res.fp32_reference is None:
         return own
     fp = compare_program(program, res.fp32_reference, X, task=task, max_batch=max_batch,
-                         quantization=res.quantization, y=y,
-                         tolerance=tolerance.against_fp32(), fixed_batch=res.fixed_batch)
+                         quantization="int8", y=y, tolerance=tolerance.against_fp32(),
+                         fixed_batch=res.fixed_batch, got=own.outputs)
     if not fp.ok:
         why = fp.reason.replace("the eager model", "the fp32 model")
-        return Agreement(False, f"{why}: its quantization is broken (calibration rows that do "
-                         "not represent the data?)", fp.batches, fp.max_abs_diff,
-                         fp.top1_agreement, fp.accuracy_change, fp.relative_error)
+        return replace(fp, reason=f"{why}: its quantization is broken (calibration rows that "
+                       "do not represent the data?)")
     return own

@@ -283,3 +283,20 @@ def test_build_saves_the_eager_model_and_warns_on_a_chance_level_one(tmp_path: P
         want = torch.softmax(model(torch.as_tensor(x)), -1).numpy()
     # the shipped program computes the saved eager model (fp32 or its int8 version)
     assert (np.load(tmp_path / "y.npy").argmax(1) == want.argmax(1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("n,max_batch", [(1, 64), (5, 64), (40, 64), (300, 64), (300, 256),
+                                         (17, 2)])
+def test_each_row_runs_once_at_every_checked_batch_size(n: int, max_batch: int) -> None:
+    from toma_edge.host.verify import batch_plan, verify_batches
+
+    plan = batch_plan(n, max_batch)
+    assert sum(plan) == n and all(1 <= b <= max_batch for b in plan)
+    assert plan[0] == 1
+    if n >= 4 + max_batch:  # a full run when the rows allow one, and a size in between
+        assert max_batch in plan and any(1 < b < max_batch for b in plan)
+    if n > 5:
+        assert len(set(plan)) >= 2
+    assert set(plan) <= set(verify_batches(max_batch, n)) | {plan[-1]}
+    fixed = batch_plan(70, 64, fixed_batch=32)
+    assert fixed == [32, 32, 6]
