@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,3 +116,69 @@ def test_bundles_built_here_run_on_aarch64(pi_site: tuple[Path, Path], example_b
     np.testing.assert_array_equal(got["int8"], want["int8"])  # int8: bit-exact
     np.testing.assert_allclose(got["fp32"], want["fp32"], rtol=1e-5, atol=1e-5)
     assert got["fp32"].shape == want["fp32"].shape == (300, 10)
+
+
+@pytest.fixture(scope="module")
+def zoo_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """Two zoo models users bring, trained briefly in our own loop and bundled with
+    package(): a MobileNetV3-style classifier (depthwise, SE, hardswish, residual adds;
+    int8) and an LSTM classifier (a fixed-batch export the runtime pads)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import zoo_models
+
+    from toma_edge.host import package
+
+    root = tmp_path_factory.mktemp("zoo-aarch64")
+    out: dict[str, tuple[Path, Any]] = {}
+    for name, quantize in (("mnv3", "int8"), ("lstm", "fp32")):
+        entry = zoo_models.ZOO[name]
+        X, y, Xt, yt = entry.data("tiny")
+        model = entry.model("tiny")
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _epoch in range(4):
+            for i in range(0, len(X), 32):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(X[i:i + 32])),
+                                                         torch.as_tensor(y[i:i + 32]))
+                loss.backward()
+                opt.step()
+        model.eval()
+        res = package(model, X[:4], calibration=X[:256], evaluation=(Xt, yt), target="rpi",
+                      out=root / name, quantize=quantize, max_batch=64, name=f"zoo-{name}")
+        assert res.manifest["shipped"] == quantize
+        out[name] = (res.out, model)
+    return out
+
+
+def test_zoo_models_agree_with_eager_on_aarch64(pi_site: tuple[Path, Path], zoo_bundles,
+                                               tmp_path: Path) -> None:
+    """The same agreement as on the host: the aarch64 program's top-1 class against the
+    eager model's on fresh rows, >= 97%."""
+    import torch
+    import zoo_models
+
+    _, site = pi_site
+    jobs, want = [], {}
+    for name, (bundle, model) in zoo_bundles.items():
+        x, _ = zoo_models.ZOO[name].rows_of("tiny", 150, seed=99)  # fresh rows
+        np.save(tmp_path / f"{name}-x.npy", x)
+        with torch.no_grad():
+            want[name] = model(torch.as_tensor(x)).numpy().argmax(1)
+        jobs.append([str(bundle), str(tmp_path / f"{name}-x.npy"), str(tmp_path / f"{name}-pi.npy")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TOMA_EDGE_ADAPTER"))}
+    env["PYTHONPATH"] = str(site)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "aarch64_python.sh"), "-c", EMULATED,
+                        json.dumps(jobs)], capture_output=True, text=True, timeout=900, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for name, top1 in want.items():
+        got = np.load(tmp_path / f"{name}-pi.npy")
+        assert got.shape[0] == 150
+        agree = float((got.argmax(1) == top1).mean())
+        print(f"{name}: aarch64 top-1 agreement with eager {agree:.3f}")
+        assert agree >= 0.97, (name, agree)
+    man = json.loads((zoo_bundles["lstm"][0] / "manifest.json").read_text())
+    assert man["export_batch"] == 32  # the fixed batch padded on the Pi too
