@@ -449,14 +449,14 @@ class ThreadChoice:
 
 
 def fastest_threads(model: nn.Module, X: np.ndarray, y: np.ndarray, spec: TrainSpec, *,
-                    candidates: Iterable[int] | None = None, steps: int = 3) -> ThreadChoice:
+                    candidates: Iterable[int] | None = None) -> ThreadChoice:
     """The intra-op thread count that runs one training step of ``model`` on a batch of
     ``X`` fastest on this machine now, among ``candidates`` (default: 1 and the count torch
     started with). A tiny model spends a step in Python and in synchronising threads, so on
     a shared 2-core machine one thread is often faster, and far faster when another process
     is busy; a large one gains from every core. Measured on a copy (the model is not
-    trained): one warm-up step, then the median of at least ``steps`` (up to 0.3 s). More
-    threads must be 10% faster to be chosen."""
+    trained): one warm-up step, then the median of the steps that fit in 0.3 s (at least
+    one). More threads must be 10% faster to be chosen."""
     import copy
     import time
 
@@ -476,7 +476,8 @@ def fastest_threads(model: nn.Module, X: np.ndarray, y: np.ndarray, spec: TrainS
             torch.set_num_threads(n)
             runs: list[float] = []
             start = time.perf_counter()
-            # a warm-up step, then ``steps`` or more (tiny models: up to 0.3 s of them)
+            # a warm-up step, then ``steps`` or more within 0.3 s (a big model whose step
+            # takes longer: one measured step)
             for i in range(1000):
                 t = time.perf_counter()
                 opt.zero_grad()
@@ -484,7 +485,7 @@ def fastest_threads(model: nn.Module, X: np.ndarray, y: np.ndarray, spec: TrainS
                 opt.step()
                 if i:
                     runs.append(time.perf_counter() - t)
-                if len(runs) >= steps and t - start > 0.3:
+                if runs and time.perf_counter() - start > 0.3:
                     break
             times[n] = float(np.median(runs) * 1e3)
     finally:
