@@ -96,6 +96,7 @@ __all__ = [
     "check_model_takes_rows",
     "chance_warnings",
     "eager_model_path",
+    "trained_model_path",
     "memory_policy",
     "CrossValidation",
     "train_and_validate",
@@ -228,20 +229,36 @@ def _build_steps(plan: Plan, progress: Progress, t0: float, *, sign_key: str | P
         if choice.shipped is None:  # one allowed variant: measured on this program
             choice = measure_single(plan, choice, exported, checked, shipped, progress)
         check_fit(plan, exported, checked.measured)
+        drop = shipped_drop_warning(plan, reference, shipped, choice)
+        if drop:
+            progress.info(f"warning: {drop}")
+            warnings.append(drop)
         manifest = bundle_manifest(
             plan, exported, choice.model, quantization=choice.quantization, prune=choice.prune,
             candidates=choice.candidates, shipped=choice.shipped, reference=reference,
             shipped_metrics=shipped, checked=checked,
             build=dict(train=plan.source.project.train.model_dump(mode="json"),
                        data=_data_info(plan, train_rows=int(plan.source.training.rows)),
-                       warnings=tuple(warnings), eager_model=eager_model_path(plan.out).name))
-        saved = save_eager_model(model, eager_model_path(plan.out))
+                       warnings=tuple(warnings), eager_model=eager_model_path(plan.out).name,
+                       **({"trained_model": trained_model_path(plan.out).name}
+                          if choice.prune else {})))
+        # the shipped variant's eager fp32 model (what model.pte computes, before
+        # quantization) and, when it was pruned, the trained model before compression
+        saved = [(save_eager_model(choice.model, eager_model_path(plan.out)),
+                  eager_model_path(plan.out))]
+        if choice.prune:
+            saved.append((save_eager_model(model, trained_model_path(plan.out)),
+                          trained_model_path(plan.out)))
         bundle = write_bundle(writer, plan, manifest, checked, choice.candidates, choice.shipped,
                               sign_key=sign_key, archive=archive)
-    saved.replace(eager_model_path(plan.out))
+    for tmp, final in saved:
+        tmp.replace(final)
     res = _result(plan, bundle, t0, exported)
-    res.summary.append(f"  trained eager fp32 model: {eager_model_path(plan.out)} "
-                       "(torch.load it to compare, or toma-edge compress it again)")
+    res.summary.append(f"  eager fp32 model of the shipped variant: {eager_model_path(plan.out)}"
+                       " (torch.load it to compare with PyTorch)")
+    if choice.prune:
+        res.summary.append(f"  trained model before pruning: {trained_model_path(plan.out)} "
+                           "(toma-edge compress it again without training)")
     return res
 
 
@@ -498,18 +515,52 @@ def training_threads(plan: Plan, progress: Progress) -> Iterator[None]:
 
 
 def eager_model_path(out: Path) -> Path:
-    """Where build saves the trained eager fp32 model: beside the bundle folder, named
-    after it (``dist/rpi4`` -> ``dist/rpi4.eager.pt``)."""
+    """Where build saves the shipped variant's eager fp32 model (pruned and fine-tuned when
+    the search pruned; what model.pte computes before quantization): beside the bundle
+    folder, named after it (``dist/rpi4`` -> ``dist/rpi4.eager.pt``)."""
     return out.parent / f"{out.name}.eager.pt"
+
+
+def trained_model_path(out: Path) -> Path:
+    """Where build saves the trained model before pruning, when the shipped variant is
+    pruned (``dist/rpi4.trained.pt``): the input of ``toma-edge compress``."""
+    return out.parent / f"{out.name}.trained.pt"
 
 
 def save_eager_model(model: nn.Module, path: Path) -> Path:
     """``torch.save`` the whole module to a temporary file beside ``path`` (renamed into
-    place once the bundle is written); ``toma-edge compress`` and ``torch.load`` read it."""
+    place once the bundle is written); ``toma-edge compress`` and ``torch.load`` read it.
+    A module torch cannot pickle as it is (weight-norm parametrizations) is saved with
+    its reparametrizations folded into plain weights: the same function."""
+    import copy
+
+    from .prune import fold_reparametrizations
+
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model, tmp)
+    try:
+        torch.save(model, tmp)
+    except RuntimeError:
+        torch.save(fold_reparametrizations(copy.deepcopy(model)), tmp)
     return tmp
+
+
+def shipped_drop_warning(plan: Plan, reference: dict[str, float], shipped: dict[str, float],
+                         choice: BuildChoice) -> str:
+    """A warning when the shipped program scores clearly below the trained model on the
+    test split (more than 2 accuracy points or 0.02 R2): the search chose on a validation
+    split, which a small data set makes noisy. Reported, never used to choose."""
+    name = "test_accuracy" if plan.task == "classification" else "test_r2"
+    if name not in reference or name not in shipped:
+        return ""
+    drop = reference[name] - shipped[name]
+    if drop <= 0.02:
+        return ""
+    return (f"the shipped variant ({choice.quantization} pruned {choice.prune:.0%}) scores "
+            f"{name} {shipped[name]:.3f} on the test split, {drop:.3f} below the trained "
+            f"model's {reference[name]:.3f}; the search chose it on a validation split of the "
+            "training rows: allow less compression (compress.prune, compress.quantize), or "
+            "give more rows")
 
 
 def chance_warnings(plan: Plan, reference: dict[str, float]) -> list[str]:

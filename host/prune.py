@@ -75,6 +75,7 @@ __all__ = [
     "prune_structured",
     "finetune",
     "prune_magnitude",
+    "fold_reparametrizations",
 ]
 
 Criterion = Literal["l2", "l1"]
@@ -341,7 +342,7 @@ class _Graph:
         return None if shapes == self.shapes else f"output shapes {shapes} != {self.shapes}"
 
 
-def _fold_reparametrizations(model: nn.Module) -> nn.Module:
+def fold_reparametrizations(model: nn.Module) -> nn.Module:
     """Weight norm (the old hook or torch.nn.utils.parametrizations) folded into plain
     weights, in place: the same function, and weights torch-pruning can slice."""
     from torch.nn.utils import parametrize
@@ -444,7 +445,7 @@ def _run_graph(model: nn.Module, example: tuple[torch.Tensor, ...], ratio: float
     output shape is excluded and the whole pass restarts on a fresh copy."""
     skip: set[str] = set()
     while True:
-        work = _fold_reparametrizations(copy.deepcopy(model).eval())
+        work = fold_reparametrizations(copy.deepcopy(model).eval())
         graph = _Graph(work, example, skip)
         left: dict[str, str] = {}
         groups: list[list[str]] = []

@@ -444,6 +444,7 @@ def _try_candidate(model: nn.Module, kind: Quantization, *, task: Task, example:
         b = res.fixed_batch or 1
         lat = latency_ms(prog, np.repeat(X_val[:1], b, axis=0))
         outputs = agree.outputs  # every validation row ran once, checked: score those
+        assert outputs is not None
         score = evaluate(lambda _x: outputs, X_val, y_val, task, prefix="val_")[f"val_{metric}"]
     finally:
         prog.close()

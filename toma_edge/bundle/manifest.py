@@ -187,8 +187,10 @@ class BuildInfo(BaseModel):
     data: DataInfo
     #: what the build warns about (a reference model at chance level, ...)
     warnings: tuple[str, ...] = ()
-    #: the trained eager fp32 model saved beside the bundle (a path relative to it)
+    #: the shipped variant's eager fp32 model saved beside the bundle (a name beside it)
     eager_model: str | None = None
+    #: the trained model before pruning, saved beside the bundle when the variant is pruned
+    trained_model: str | None = None
 
 
 class Manifest(BaseModel):
