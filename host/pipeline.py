@@ -210,8 +210,28 @@ def build(
 def _build(plan: Plan, progress: Progress, *, sign_key: str | Path | None,
            archive: bool) -> BuildResult:
     t0 = time.perf_counter()
+    _import_exporter_in_background()
     with training_threads(plan, progress):
         return _build_steps(plan, progress, t0, sign_key=sign_key, archive=archive)
+
+
+def _import_exporter_in_background() -> None:
+    """Import ExecuTorch's exporter and quantizer (2.5 s of Python) on a thread while
+    training runs: training spends most of its time in torch kernels, which release the
+    GIL, so the import mostly overlaps it. A later import waits for this one."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in ("executorch.backends.xnnpack.quantizer.xnnpack_quantizer",
+                     "executorch.backends.xnnpack.partition.xnnpack_partitioner",
+                     "torchao.quantization.pt2e.quantize_pt2e"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (the real import reports it)
+                return
+
+    threading.Thread(target=run, name="toma-import-exporter", daemon=True).start()
 
 
 def _build_steps(plan: Plan, progress: Progress, t0: float, *, sign_key: str | Path | None,
