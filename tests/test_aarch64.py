@@ -87,6 +87,18 @@ EMULATED = textwrap.dedent("""
 """)
 
 
+def _run_emulated(site: Path, jobs: list[list[str]], cwd: Path) -> str:
+    """`toma-edge run` for each (bundle, input, output) job in one emulated aarch64
+    process with the Pi's install on its path; its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TOMA_EDGE_ADAPTER"))}
+    env["PYTHONPATH"] = str(site)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "aarch64_python.sh"), "-c", EMULATED,
+                        json.dumps(jobs)], capture_output=True, text=True, timeout=900, env=env,
+                       cwd=cwd)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout
+
+
 def test_bundles_built_here_run_on_aarch64(pi_site: tuple[Path, Path], example_bundle: Path,
                                           fp32_bundle: Path, tmp_path: Path) -> None:
     _, site = pi_site
@@ -104,13 +116,7 @@ def test_bundles_built_here_run_on_aarch64(pi_site: tuple[Path, Path], example_b
         want[name] = np.load(tmp_path / f"{name}-host.npy")
         jobs.append([str(bundle), str(tmp_path / f"{name}-x.npy"), str(tmp_path / f"{name}-pi.npy")])
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TOMA_EDGE_ADAPTER"))}
-    env["PYTHONPATH"] = str(site)
-    r = subprocess.run(["bash", str(REPO / "scripts" / "aarch64_python.sh"), "-c", EMULATED,
-                        json.dumps(jobs)], capture_output=True, text=True, timeout=900, env=env,
-                       cwd=tmp_path)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    info = json.loads(_run_emulated(site, jobs, tmp_path).strip().splitlines()[-1])
     assert info == {"machine": "aarch64", "torch": False, "adapters": ["native"]}
     got = {name: np.load(tmp_path / f"{name}-pi.npy") for name in want}
     np.testing.assert_array_equal(got["int8"], want["int8"])  # int8: bit-exact
@@ -168,12 +174,7 @@ def test_zoo_models_agree_with_eager_on_aarch64(pi_site: tuple[Path, Path], zoo_
         with torch.no_grad():
             want[name] = model(torch.as_tensor(x)).numpy().argmax(1)
         jobs.append([str(bundle), str(tmp_path / f"{name}-x.npy"), str(tmp_path / f"{name}-pi.npy")])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TOMA_EDGE_ADAPTER"))}
-    env["PYTHONPATH"] = str(site)
-    r = subprocess.run(["bash", str(REPO / "scripts" / "aarch64_python.sh"), "-c", EMULATED,
-                        json.dumps(jobs)], capture_output=True, text=True, timeout=900, env=env,
-                       cwd=tmp_path)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _run_emulated(site, jobs, tmp_path)
     for name, top1 in want.items():
         got = np.load(tmp_path / f"{name}-pi.npy")
         assert got.shape[0] == 150
