@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -550,8 +551,10 @@ def trained_model_path(out: Path) -> Path:
 def save_eager_model(model: nn.Module, path: Path) -> Path:
     """``torch.save`` the whole module to a temporary file beside ``path`` (renamed into
     place once the bundle is written); ``toma-edge compress`` and ``torch.load`` read it.
-    A module torch cannot pickle as it is (weight-norm parametrizations) is saved with
-    its reparametrizations folded into plain weights: the same function."""
+    A module torch cannot pickle as it is (weight-norm parametrizations and their
+    state-dict hooks, local functions) is saved with its reparametrizations folded into
+    plain weights (the same function); one that still cannot be pickled, as its
+    state_dict (load it into the project's factory)."""
     import copy
 
     from .prune import fold_reparametrizations
@@ -560,8 +563,22 @@ def save_eager_model(model: nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.save(model, tmp)
-    except RuntimeError:
-        torch.save(fold_reparametrizations(copy.deepcopy(model)), tmp)
+        return tmp
+    except Exception:  # noqa: BLE001  (pickling fails as RuntimeError, AttributeError, ...)
+        pass
+    folded = fold_reparametrizations(copy.deepcopy(model))
+    for m in folded.modules():  # state-dict hooks of folded weight norm: local functions
+        for hooks in (m._load_state_dict_pre_hooks, m._state_dict_hooks,
+                      m._state_dict_pre_hooks, m._load_state_dict_post_hooks):
+            for key, hook in list(hooks.items()):
+                try:
+                    pickle.dumps(hook)
+                except Exception:  # noqa: BLE001
+                    del hooks[key]
+    try:
+        torch.save(folded, tmp)
+    except Exception:  # noqa: BLE001  (still unpicklable: the weights, for the factory)
+        torch.save(model.state_dict(), tmp)
     return tmp
 
 
