@@ -42,12 +42,15 @@ def _mib(b: Any) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def bench_one(name: str, target: str, size: str, work: Path, fresh_rows: int
-              ) -> dict[str, Any]:
-    """Build ``name`` for ``target`` and check it; a row of the table (a dict)."""
+def bench_one(name: str, target: str, size: str, work: Path, fresh_rows: int,
+              compress: str = "auto") -> dict[str, Any]:
+    """Build ``name`` for ``target`` and check it; a row of the table (a dict).
+    ``compress``: "auto" (quantize and prune auto: the search) or "target" (the target's
+    own quantization, no pruning: one export)."""
     e = zoo.ZOO[name]
     folder = work / f"{name}-{target}"
-    project = zoo.write_project(name, size, folder / "project")
+    settings = {} if compress == "auto" else {"compress": {"prune": 0.0}}
+    project = zoo.write_project(name, size, folder / "project", **settings)
     out = folder / "bundle"
     print(f"[{name} / {target}] building (progress: {folder / 'build.log'}) ...", flush=True)
     rc, secs, _, err = zoo.cli("build", "--target", target, "--project", str(project),
@@ -120,6 +123,8 @@ def main() -> int:
     ap.add_argument("--fresh-rows", type=int, default=500)
     ap.add_argument("--out", default=None, help="markdown file (and .json beside it)")
     ap.add_argument("--keep", default=None, help="build the bundles here and keep them")
+    ap.add_argument("--compress", default="auto", choices=["auto", "target"],
+                    help="auto: search quantize x prune; target: the target's quantization")
     a = ap.parse_args()
     models = [m for m in a.models.split(",") if m]
     unknown = [m for m in models if m not in zoo.ZOO]
@@ -128,14 +133,16 @@ def main() -> int:
               f"known: {','.join(zoo.ZOO)}", file=sys.stderr)
         return 2
     targets = [t for t in a.targets.split(",") if t]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a user's shell: torch's default threads (build measures which count trains fastest)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-zoo-"))
     load = os.getloadavg()
-    rows = [bench_one(m, t, a.size, work, a.fresh_rows) for m in models for t in targets]
+    rows = [bench_one(m, t, a.size, work, a.fresh_rows, a.compress)
+            for m in models for t in targets]
     text = (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
             f"{load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
             f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; size {a.size}; "
-            f"{a.fresh_rows} fresh rows per model\n\n{table(rows)}\n")
+            f"{a.fresh_rows} fresh rows per model; compress {a.compress}\n\n{table(rows)}\n")
     print("\n" + text)
     if a.out:
         Path(a.out).write_text(text)
