@@ -28,7 +28,11 @@ pytestmark = pytest.mark.slow
 CASES = [(name, "rpi4") for name in zoo.ZOO] + [("mnv3", "rpi-zero-2w"),
                                                  ("gru", "rpi-zero-2w")]
 COMPRESS = {("mnv3", "rpi-zero-2w"): {"quantize": ["fp32", "int8"], "prune": 0.25},
-            ("gru", "rpi-zero-2w"): {"quantize": "auto", "prune": 0.0}}
+            ("gru", "rpi-zero-2w"): {"quantize": "auto", "prune": 0.0},
+            # EfficientNet's int8 keeps its accuracy (0.845 -> 0.840) but only 95% of the
+            # fp32 model's top-1 answers; its int8-dynamic fails in XNNPACK at some batch
+            # sizes: the search drops it with the reason and ships fp32
+            ("effnet_b0", "rpi4"): {"quantize": ["fp32", "int8-dynamic"], "prune": 0.0}}
 FRESH_ROWS = 200  # more than max_batch (64): the runtime splits them into batches
 
 
