@@ -32,9 +32,10 @@ import atexit
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +45,8 @@ import numpy as np
 from ..errors import BundleError, InputError
 
 __all__ = ["Program", "TensorInfo", "load_program", "available_adapters",
-           "native_executorch_version", "release_native_programs"]
+           "native_executorch_version", "release_native_programs", "native_log",
+           "pad_batch"]
 
 # ExecuTorch's ScalarType codes (c10 numbering), as the pybindings' TensorInfo.dtype() gives them
 _SCALAR_TYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16,
@@ -92,6 +94,40 @@ class Program(Protocol):
         ...
 
 
+def pad_batch(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` padded to ``rows`` rows with copies of its last row, for a program exported
+    at a fixed batch (the padding's outputs are dropped by the caller); ``x`` itself when
+    it has that many rows already."""
+    if len(x) >= rows:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+
+
+@contextlib.contextmanager
+def native_log() -> Iterator[Callable[[], str]]:
+    """Capture what native code (ExecuTorch's log lines) writes to fd 2 while inside;
+    yields a function returning the text captured so far ("" when fd 2 cannot be
+    redirected). fd 2 is the process's: meant for a single-threaded caller."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:
+        yield lambda: ""
+        return
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            def text() -> str:
+                f.flush()
+                f.seek(0)
+                return f.read().decode("utf-8", "replace")
+
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 @contextlib.contextmanager
 def _quiet_native() -> Iterator[None]:
     """Silence ExecuTorch's native log lines (cpuinfo, threadpool) on fd 2 while loading,
@@ -99,20 +135,8 @@ def _quiet_native() -> Iterator[None]:
     if os.environ.get("TOMA_EDGE_NATIVE_LOGS") == "1":
         yield
         return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
+    with native_log():
         yield
-        return
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 _threads_lock = threading.Lock()

@@ -43,7 +43,7 @@ from ..budget import MemoryBudget, format_size
 from ..bundle import Manifest
 from ..errors import BudgetError, InputError
 from ..probes import peak_probe, rss_bytes
-from .adapter import Program
+from .adapter import Program, pad_batch
 from .bundle import LoadedBundle, load_bundle
 
 __all__ = ["Prediction", "Predictor"]
@@ -307,8 +307,7 @@ class Predictor:
             self.program.run_batches_into(x[:whole], out[:whole], b)
         rest = len(x) - whole
         if rest:
-            pad = np.concatenate([x[whole:], np.repeat(x[-1:], b - rest, axis=0)])
-            (y,) = self.program.run([pad])
+            (y,) = self.program.run([pad_batch(x[whole:], b)])
             out[whole:] = y[:rest]
 
     def _answer(self, out: np.ndarray) -> Prediction:

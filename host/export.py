@@ -36,8 +36,8 @@ from ..errors import ConfigError
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-__all__ = ["Quantization", "ExportResult", "export_program", "export_example", "WithSoftmax",
-           "quantize_model", "export_net", "calibration_batches", "run_rows"]
+__all__ = ["Quantization", "ExportResult", "export_program", "export_example", "example_rows",
+           "WithSoftmax", "quantize_model", "export_net", "calibration_batches", "run_rows"]
 
 Quantization = Literal["int8", "int8-dynamic", "fp32"]
 
@@ -85,11 +85,6 @@ class ExportResult:
     fixed_reason: str = ""
     #: the fp32 eager model the program was quantized from (for fp32, ``reference``)
     fp32_reference: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    @property
-    def max_batch_rows(self) -> int | None:
-        """The program's own batch bound (None: dynamic up to the export's max_batch)."""
-        return self.fixed_batch
 
 
 #: the largest fixed batch a recurrent program is exported for: every run costs this many
@@ -160,7 +155,7 @@ def quantize_model(
         # 3.2 s int8 quantization of an MLP, 80% of the example build's quantization time)
         SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if not p.is_qat]
 
-    example = _example_rows(example, max_batch, fixed_batch)
+    example = example_rows(example, max_batch, fixed_batch)
     qcfg = get_symmetric_quantization_config(is_per_channel=True,
                                              is_dynamic=(kind == "int8-dynamic"))
     quantizer = PostTrainingQuantizer().set_global(qcfg)
@@ -174,7 +169,7 @@ def quantize_model(
         for batch in calibration:
             xb = torch.as_tensor(np.asarray(batch), dtype=torch.float32)
             if fixed_batch:
-                prepared(_example_rows(xb, fixed_batch, fixed_batch))
+                prepared(example_rows(xb, fixed_batch, fixed_batch))
             else:  # the captured graph guards its batch to 1..max_batch
                 for i in range(0, len(xb), max_batch):
                     prepared(xb[i : i + max_batch])
@@ -184,9 +179,10 @@ def quantize_model(
     return convert_pt2e(prepared)
 
 
-def _example_rows(example: torch.Tensor, max_batch: int, fixed_batch: int | None
+def example_rows(example: torch.Tensor, max_batch: int, fixed_batch: int | None
                   ) -> torch.Tensor:
-    """The export example: exactly ``fixed_batch`` rows for a fixed-batch export."""
+    """The export example (:func:`export_example`), or exactly ``fixed_batch`` rows (the
+    rows repeated) for a fixed-batch export."""
     if not fixed_batch:
         return export_example(example, max_batch)
     n = int(example.shape[0])
@@ -228,7 +224,7 @@ def _lower(model: nn.Module, example: torch.Tensor, max_batch: int, quantize: Qu
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    example = _example_rows(example, max_batch, fixed_batch)
+    example = example_rows(example, max_batch, fixed_batch)
     ref = quantize_model(model, example, kind=quantize, max_batch=max_batch,
                          calibration=calibration, fixed_batch=fixed_batch)
     entry: nn.Module = ref if quantize != "fp32" else _Entry(model).eval()

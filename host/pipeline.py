@@ -57,6 +57,7 @@ from .export import (
     ExportResult,
     Quantization,
     calibration_batches,
+    example_rows,
     export_net,
     export_program,
     quantize_model,
@@ -72,7 +73,7 @@ from .search import (
     tolerance_of,
     validation_split,
 )
-from .source import ModelSource, load_source, with_target_defaults
+from .source import ModelSource, load_source, model_outputs, with_target_defaults
 from .train import (
     MemoryPolicy,
     Task,
@@ -450,7 +451,8 @@ def _package_plan(model: nn.Module, example_inputs: Any, calibration: Any,
                              f"{ex.shape[1:]}")
     if len(y_ev) != len(X_ev):
         raise InputError(f"evaluation: {len(X_ev)} rows in X but {len(y_ev)} targets in y")
-    out_shape = _output_shape(model, ex)
+    out_shape = (len(ex[:2]), model_outputs(model, ex, who="the model", verb="does not run on",
+                                            rows="example_inputs"))
     if task is None:
         task = ("classification" if np.issubdtype(y_ev.dtype, np.integer) and out_shape[-1] > 1
                 else "regression")
@@ -499,20 +501,6 @@ def _package_plan(model: nn.Module, example_inputs: Any, calibration: Any,
     plan = make_plan(target=target, out=out, storage_budget=storage_budget,
                      latency_budget_ms=latency_budget_ms, source=src)
     return plan, (X_ev[choose_idx], y_ev[choose_idx])
-
-
-def _output_shape(model: nn.Module, x: np.ndarray) -> tuple[int, ...]:
-    try:
-        with torch.no_grad():
-            y = model.eval()(torch.as_tensor(x[:2]))
-    except Exception as e:  # noqa: BLE001  (the user's forward: any error)
-        raise InputError(f"the model does not run on example_inputs of shape {x.shape[1:]}: "
-                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-                         ) from e
-    if not isinstance(y, torch.Tensor) or y.ndim != 2:
-        raise InputError("the model must return one tensor of shape (N, outputs); got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    return tuple(int(d) for d in y.shape)
 
 
 # --- the steps ----------------------------------------------------------------------
@@ -725,29 +713,18 @@ def check_model_takes_rows(model: nn.Module, plan: Plan, *, what: str, hint: str
     gives what the task needs: (N, K) with K at least the number of classes, or (N, T)
     with T the targets per row."""
     src = plan.source
-    x = torch.as_tensor(np.asarray(src.X_train[:2], dtype=np.float32))
-    rows = tuple(src.X_train.shape[1:])
     data = "the built-in example" if src.builtin else "the project's data"
-    try:
-        with torch.no_grad():
-            y = model.eval()(x)
-    except Exception as e:  # noqa: BLE001  (the user's forward: any error)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"{what} does not take rows of shape {rows} from {data} "
-                          f"({type(e).__name__}: {first}); {hint}") from e
-    if not isinstance(y, torch.Tensor) or y.ndim != 2:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ConfigError(f"{what} returns {got} on rows from {data}; the pipeline needs one "
-                          "tensor of shape (N, outputs)")
+    n_out = model_outputs(model, src.X_train, who=what, verb="does not take",
+                          rows=f"{data}'s rows", error=ConfigError, hint=hint)
     if plan.task == "classification":
         k = len(src.classes) or int(np.max(src.y_train)) + 1
-        if y.shape[1] < k:
-            raise ConfigError(f"{what} gives {y.shape[1]} outputs but {data} has {k} classes; "
+        if n_out < k:
+            raise ConfigError(f"{what} gives {n_out} outputs but {data} has {k} classes; "
                               f"{hint}")
     else:
         t = int(np.asarray(src.y_train).reshape(len(src.y_train), -1).shape[1])
-        if y.shape[1] != t:
-            raise ConfigError(f"{what} gives {y.shape[1]} outputs but {data} has {t} targets "
+        if n_out != t:
+            raise ConfigError(f"{what} gives {n_out} outputs but {data} has {t} targets "
                               f"per row; {hint}")
 
 
@@ -928,7 +905,8 @@ def bundle_manifest(
     src, profile = plan.source, plan.profile
     proj = src.project
     now = _dt.datetime.now(_dt.timezone.utc)
-    n_out = int(exported.reference(torch.as_tensor(_rows_for(exported, src.X_test))).shape[1])
+    rows = example_rows(torch.as_tensor(src.X_test[:2]), 2, exported.fixed_batch)
+    n_out = int(exported.reference(rows).shape[1])
     fixed = exported.fixed_batch
     weights = sum(p.numel() for p in model.parameters()) * (1 if quantization != "fp32" else 4)
     extra: dict[str, Any] = {"classes": tuple(src.classes)} if proj.task == "classification" else {}
@@ -983,15 +961,6 @@ def write_bundle(writer: BundleWriter, plan: Plan, manifest: Manifest, checked: 
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def _rows_for(exported: ExportResult, X: np.ndarray) -> np.ndarray:
-    """Two rows to trace an output shape with (a fixed-batch program's batch of them)."""
-    rows = np.asarray(X[:2])
-    if exported.fixed_batch:
-        reps = -(-exported.fixed_batch // max(1, len(rows)))
-        rows = np.concatenate([rows] * reps)[: exported.fixed_batch]
-    return rows
 
 
 def _data_info(plan: Plan, *, train_rows: int, validation_rows: int | None = None) -> DataInfo:

@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, TomaEdgeError
 from ..profiles import TargetProfile
 from ..project import ProjectConfig, load_project
 from .training_data import ArrayData, FileData, TrainingData
 
-__all__ = ["ModelSource", "load_source", "import_callable", "builtin_project"]
+__all__ = ["ModelSource", "load_source", "model_outputs", "import_callable", "builtin_project"]
 
 
 @dataclass
@@ -236,6 +236,27 @@ def with_target_defaults(proj: ProjectConfig, profile: TargetProfile) -> Project
     return proj.model_copy(update=update) if update else proj
 
 
+def model_outputs(model: nn.Module, X: np.ndarray, *, who: str, rows: str, verb: str,
+                  error: type[TomaEdgeError] = InputError, hint: str = "") -> int:
+    """Outputs per row of ``model`` (eval mode, no grad) on two rows of ``X``: one forward
+    that makes a wrong input shape or output form a one-line ``error`` ("<who> <verb>
+    <rows> of shape ...: <the error>; <hint>") instead of a traceback later."""
+    import torch
+
+    tail = f"; {hint}" if hint else ""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.as_tensor(np.asarray(X[:2], dtype=np.float32)))
+    except Exception as e:  # noqa: BLE001  (the user's forward: any error)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise error(f"{who} {verb} {rows} of shape {tuple(X.shape[1:])}: "
+                    f"{type(e).__name__}: {first}{tail}") from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != min(2, len(X)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise error(f"{who} must return a (rows, outputs) tensor, got {got}{tail}")
+    return int(out.shape[1])
+
+
 def load_source(project_path: str | Path | None) -> ModelSource:
     """Resolve the built-in example (None) or a project file into a ModelSource."""
     if project_path is None:
@@ -275,27 +296,15 @@ def load_source(project_path: str | Path | None) -> ModelSource:
         return m
 
     # one forward on two rows: wrong input width or output size fails here, clearly
-    import torch
-
-    probe = user_factory().eval()
-    try:
-        with torch.no_grad():
-            out = probe(torch.as_tensor(X_tr[:2]))
-    except Exception as e:
-        raise InputError(
-            f"model '{proj.model}' cannot take data rows of shape {tuple(X_tr.shape[1:])}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
-        raise InputError(f"model '{proj.model}' must return a (rows, outputs) tensor, got "
-                         f"{getattr(out, 'shape', type(out).__name__)}")
+    n_out = model_outputs(user_factory(), X_tr, who=f"model '{proj.model}'",
+                          rows="data rows", verb="cannot take")
     if proj.task == "classification":
-        if out.shape[1] < n_classes:
-            raise InputError(f"model '{proj.model}' outputs {out.shape[1]} scores but the labels "
+        if n_out < n_classes:
+            raise InputError(f"model '{proj.model}' outputs {n_out} scores but the labels "
                              f"go up to class {n_classes - 1}")
-        n_classes = int(out.shape[1])
-    elif out.shape[1] != y_tr.shape[1]:
-        raise InputError(f"model '{proj.model}' outputs {out.shape[1]} values per row "
+        n_classes = n_out
+    elif n_out != y_tr.shape[1]:
+        raise InputError(f"model '{proj.model}' outputs {n_out} values per row "
                          f"but y has {y_tr.shape[1]}")
     classes = list(proj.classes) if proj.classes else [str(i) for i in range(n_classes)]
     if proj.task == "classification" and len(classes) != n_classes:

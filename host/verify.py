@@ -31,9 +31,7 @@ message) and the batch size that fails.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..device.adapter import native_log, pad_batch
 from ..errors import TomaEdgeError
 
 __all__ = ["Tolerance", "Agreement", "compare_program", "verify_export", "run_padded",
@@ -128,29 +127,10 @@ def batch_plan(n: int, max_batch: int, fixed_batch: int | None = None) -> list[i
 
 @contextlib.contextmanager
 def runtime_log() -> Iterator[Callable[[], str]]:
-    """Capture what native code writes to fd 2 (ExecuTorch's log lines) while inside;
-    yields a function returning the last error line captured ("" when none). Host-side
-    only: fd 2 is the process's, so nothing else should be writing there meanwhile."""
-    try:
-        import sys
-
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except OSError:
-        yield lambda: ""
-        return
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            def last() -> str:
-                f.flush()
-                f.seek(0)
-                return _last_error_line(f.read().decode("utf-8", "replace"))
-
-            yield last
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    """The device adapter's :func:`~toma_edge.device.adapter.native_log`, yielding the
+    first ExecuTorch error line captured ("" when none). Host-side only."""
+    with native_log() as text:
+        yield lambda: _last_error_line(text())
 
 
 _LOG_LINE = re.compile(r"^[EF] \d{2}:\d{2}:\d{2}\.\d+ executorch:(?P<msg>.*)$")
@@ -179,8 +159,8 @@ def run_plan(program: Any, x: np.ndarray, plan: list[int], *, pad_to: int | None
     for n in plan:
         xb = x[i : i + n]
         i += n
-        if pad_to and n < pad_to:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], pad_to - n, axis=0)])
+        if pad_to:
+            xb = pad_batch(xb, pad_to)
         outs.append(program.run([np.ascontiguousarray(xb)])[0][:n])
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
